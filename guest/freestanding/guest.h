@@ -1,0 +1,44 @@
+/*
+ * guest.h - what the CPL3 half of the guest shares: the parsed command line,
+ * the way out (guest_exit), and the scenarios main.c dispatches to.
+ */
+#ifndef PYVMM_GUEST_GUEST_H
+#define PYVMM_GUEST_GUEST_H
+
+#include <stdint.h>
+
+#include "pvh.h"
+
+#define CMDLINE_MAX     1024    /* longer command lines are cut here */
+#define ARGS_MAX        32
+
+/* The command line split at spaces: argv[0] is the scenario, the rest are
+ * its arguments, positional or key=value. */
+struct args {
+	int argc;
+	char *argv[ARGS_MAX];
+	const struct hvm_start_info *start_info;
+	uint64_t tsc_entry;     /* TSC at pvh_start32 (pvh.S) */
+	uint64_t tsc_cpl3;      /* TSC at the top of user_main */
+};
+
+/* The value of "key=value" in args, or NULL. */
+const char *arg_value(const struct args *a, const char *key);
+
+/* The CPL3 entry point (main.c), called by enter_user with the start_info
+ * physical address. */
+void user_main(uintptr_t start_info_paddr) __attribute__((noreturn));
+
+/* Print "exit <code>", reset through the i8042; never returns. */
+void guest_exit(int code) __attribute__((noreturn));
+
+/* Scenarios (scenarios.c, smp.c): each ends with guest_exit or a reset. */
+void scenario_hello(const struct args *a) __attribute__((noreturn));
+void scenario_count(const struct args *a) __attribute__((noreturn));
+void scenario_loop(const struct args *a) __attribute__((noreturn));
+void scenario_fault(const struct args *a) __attribute__((noreturn));
+void scenario_internal_error(const struct args *a) __attribute__((noreturn));
+void scenario_bootinfo(const struct args *a) __attribute__((noreturn));
+void scenario_smp(const struct args *a) __attribute__((noreturn));
+
+#endif

@@ -1,0 +1,105 @@
+/*
+ * main.c - user_main, the first C function at CPL3: boot-timer phase 2,
+ * the command line from hvm_start_info, and dispatch to the
+ * scenario its first word names.  Also guest_exit, the one way a scenario
+ * ends the run on purpose.
+ */
+#include <stddef.h>
+#include <stdint.h>
+
+#include "console.h"
+#include "cpu.h"
+#include "fmt.h"
+#include "guest.h"
+#include "io.h"
+#include "layout.h"
+#include "pvh.h"
+
+static const struct scenario {
+	const char *name;
+	void (*run)(const struct args *a);
+} scenarios[] = {
+	{ "hello", scenario_hello },
+	{ "count", scenario_count },
+	{ "loop", scenario_loop },
+	{ "fault", scenario_fault },
+	{ "internal-error", scenario_internal_error },
+	{ "smp", scenario_smp },
+	{ "bootinfo", scenario_bootinfo },
+};
+
+extern const uint64_t boot_tsc_entry;                  /* pvh.S */
+
+static char cmdline[CMDLINE_MAX];
+static struct args args;
+
+const char *arg_value(const struct args *a, const char *key)
+{
+	size_t n = strlen(key);
+
+	for (int i = 1; i < a->argc; i++)
+		if (!strncmp(a->argv[i], key, n) && a->argv[i][n] == '=')
+			return a->argv[i] + n + 1;
+	return NULL;
+}
+
+void guest_exit(int code)
+{
+	say("exit %d", code);
+	/* i8042 "pulse output line" 0xfe: bit 0 of the output port is the
+	 * CPU reset line (IBM PC/AT Technical Reference, 8042 commands).
+	 * pyvmm and QEMU -M pc end the run here.  Machines without an i8042
+	 * (QEMU -M microvm) ignore it; then a triple fault ends the run. */
+	sys_outb(I8042_COMMAND_PORT, I8042_CMD_PULSE_RESET);
+	syscall2(SYS_SHUTDOWN, 0, 0);
+	for (;;)
+		cpu_relax();
+}
+
+/* Split cmdline in place at spaces into args.argv (excess words dropped). */
+static void split_cmdline(char *s, struct args *a)
+{
+	a->argc = 0;
+	while (*s) {
+		while (*s == ' ' || *s == '\t' || *s == '\n')
+			*s++ = '\0';
+		if (!*s || a->argc == ARGS_MAX)
+			break;
+		a->argv[a->argc++] = s;
+		while (*s && *s != ' ' && *s != '\t' && *s != '\n')
+			s++;
+	}
+}
+
+void user_main(uintptr_t start_info_paddr)
+{
+	const struct hvm_start_info *si = (const void *)start_info_paddr;
+
+	args.tsc_cpl3 = rdtsc();
+	args.tsc_entry = boot_tsc_entry;
+	sys_outb(BOOT_TIMER_PORT, BOOT_PHASE_CPL3_MAIN);
+
+	if (si->magic != XEN_HVM_START_MAGIC_VALUE) {
+		say("bad hvm_start_info magic 0x%x at 0x%lx (want 0x%x)",
+		    si->magic, (unsigned long)start_info_paddr,
+		    XEN_HVM_START_MAGIC_VALUE);
+		guest_exit(2);
+	}
+	/* Copy first: the VMM's copy is not ours to cut up (and QEMU's PVH
+	 * loader puts it where the guest may want RAM). */
+	if (si->cmdline_paddr) {
+		const char *src = (const char *)(uintptr_t)si->cmdline_paddr;
+
+		memcpy(cmdline, src, strnlen(src, sizeof(cmdline) - 1));
+	}
+	split_cmdline(cmdline, &args);
+	args.start_info = si;
+
+	const char *name = args.argc ? args.argv[0] : "";
+
+	for (size_t i = 0; i < sizeof(scenarios) / sizeof(scenarios[0]); i++)
+		if (!strcmp(name, scenarios[i].name))
+			scenarios[i].run(&args);
+	say("unknown scenario '%s'", name);
+	guest_exit(1);
+}

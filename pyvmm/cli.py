@@ -1,0 +1,174 @@
+"""The command line: ``pyvmm run`` boots a guest, ``pyvmm info`` describes the host.
+
+Conventions follow kvmtool / Firecracker / cloud-hypervisor where they agree:
+``--kernel``, ``--initrd``, ``--cmdline``, ``--mem`` (a size, default unit
+MiB), ``--cpus``.  A problem with what was asked for (a missing kernel, a
+file that is no kernel, ``--mem`` out of range, no ``/dev/kvm``) is one line
+on stderr and exit status 2, never a traceback.  See
+:class:`pyvmm.machine.ExitStatus` for the other statuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import termios
+import tty
+
+from . import images, layout
+from .errors import ConfigError, PyvmmError
+from .kvm.host import KvmFlavour, detect
+
+log = logging.getLogger("pyvmm")
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '65536K', or a bare number of MiB -> bytes."""
+    units = {"K": layout.KiB, "M": layout.MiB, "G": layout.GiB}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = layout.MiB
+    if t and t[-1] in units:
+        mult, t = units[t[-1]], t[:-1]
+    if not t.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 64M, 1G)")
+    return int(t) * mult
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: seconds > 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyvmm", description="A Python VMM on Linux KVM.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot a guest")
+    run.add_argument("--kernel", help="vmlinux ELF, PVH ELF or bzImage "
+                     "(default: the cached guest kernel from 'make kernel')")
+    run.add_argument("--initrd", help="initramfs (default with the default kernel: "
+                     "the cached one from 'make guest')")
+    run.add_argument("--cmdline", default="", help="extra kernel command line")
+    run.add_argument("--no-default-cmdline", action="store_true",
+                     help="do not add pyvmm's console/reboot/PVM parameters")
+    run.add_argument("--mem", type=parse_size, default=layout.DEFAULT_MEM,
+                     help="guest RAM, e.g. 64M or 1G (default 64M)")
+    run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("--timeout", type=positive_float, help="stop the guest after S seconds")
+    run.add_argument("--serial", default="stdio", help="'stdio' or a file for the console output")
+
+    sub.add_parser("info", help="what KVM this host has, and the default images")
+    return parser
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pyvmm: %(message)s"))
+    root = logging.getLogger("pyvmm")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@contextlib.contextmanager
+def _cbreak(stream):
+    """Character-at-a-time input from a terminal; Ctrl-C still stops pyvmm."""
+    if stream is None or not stream.isatty():
+        yield
+        return
+    fd = stream.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def cmd_info() -> int:
+    host = detect()
+    print(f"kvm: {host.flavour.value} ({host.detail})")
+    if host.flavour is KvmFlavour.PVM:
+        print("     guest CPL0 code is emulated; a stock Linux guest cannot run its userspace here")
+    for name, fn in (("kernel", images.default_kernel), ("initramfs", images.default_initramfs),
+                     ("freestanding guest", images.freestanding_guest)):
+        path = fn(required=False)
+        print(f"{name}: {path or 'not built (make guest / make kernel)'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .machine import Machine, MachineConfig   # numpy import only when a VM is made
+
+    kernel, initrd = args.kernel, args.initrd
+    if kernel is None:
+        kernel = str(images.default_kernel())
+        if initrd is None:
+            initrd = str(images.default_initramfs())
+    host = detect()
+    if host.flavour is KvmFlavour.NONE:
+        raise ConfigError("/dev/kvm does not exist: this host has no KVM "
+                          "(the test suite can use the lab: see README)")
+    log.info("host: %s (%s)", host.flavour.value, host.detail)
+    if host.is_pvm:
+        log.warning("PVM host: the guest kernel runs emulated (slowly) and a stock Linux "
+                    "guest cannot run userspace here")
+    serial_out, close_serial = sys.stdout.buffer, None
+    stdin = sys.stdin.buffer if sys.stdin is not None else None
+    if args.serial != "stdio":
+        try:
+            serial_out = close_serial = open(args.serial, "wb")
+        except OSError as e:
+            raise ConfigError(f"--serial {args.serial!r}: {e.strerror}") from None
+        stdin = None
+    config = MachineConfig(kernel=kernel, initrd=initrd, cmdline=args.cmdline, mem=args.mem,
+                           cpus=args.cpus, timeout=args.timeout, serial_out=serial_out,
+                           stdin=stdin, default_cmdline=not args.no_default_cmdline)
+    try:
+        with Machine(config, host) as vm:
+            log.info("kernel %s (%s, %s), %d MiB, %d vCPU(s)", kernel, vm.kernel.format,
+                     vm.kernel.mode.value, args.mem // layout.MiB, args.cpus)
+            log.debug("cmdline: %s", vm.cmdline)
+            with _cbreak(stdin if args.serial == "stdio" else None):
+                result = vm.run()
+    finally:
+        if close_serial is not None:
+            close_serial.close()
+    t = result.timings
+    log.info("%s (status %d)", result.reason, result.status)
+    log.info("times: first KVM_RUN %.1f ms, first serial byte %s, end %.2f s",
+             t.get("first_kvm_run", 0) * 1e3,
+             f"{t['first_serial_byte'] * 1e3:.1f} ms" if "first_serial_byte" in t else "none",
+             t.get("end", 0))
+    log.info("exits: %s", ", ".join(f"{k} {v}" for k, v in sorted(result.exit_counts.items())))
+    return result.status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        if args.command == "info":
+            return cmd_info()
+        return cmd_run(args)
+    except ConfigError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return 2
+    except PyvmmError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""The machine: build a VM from a configuration, run its vCPUs, stop it cleanly.
+
+This is where the layers meet (and the only module besides ``boot`` that
+talks to the KVM layer)::
+
+    MachineConfig --> Machine.__init__:  /dev/kvm -> VM -> guest RAM slot
+                                          in-kernel irqchip (PIC, IOAPIC, LAPICs) + PIT
+                                          legacy devices on the port-I/O bus
+                                          kernel, initrd, cmdline, zero page, MP table
+                                          vCPUs with their entry state
+                      Machine.start():    one thread per vCPU: KVM_RUN -> exit -> device
+                      Machine.wait():     until the guest resets, crashes, or time runs out
+
+A vCPU thread spends its life in ``KVM_RUN`` with the GIL released; when KVM
+returns an I/O or MMIO exit the thread answers it through the bus
+(:func:`handle_exit`, a pure function) and goes back in.  Anything that ends
+the run (a reset request, a triple fault, an internal error, the timeout,
+Ctrl-C) goes through :meth:`Machine.stop`, which records the first reason,
+then kicks every vCPU out of ``KVM_RUN``: ``immediate_exit`` is set (so a
+vCPU about to enter returns at once) and a signal is sent to the thread (so
+a vCPU already inside returns with EINTR).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from . import layout
+from .boot import bootinfo, mptable, x86
+from .boot.cmdline import Cmdline
+from .boot.loader import EntryMode, LoadedKernel, load_initrd, load_kernel
+from .devices.boot_timer import BootTimer
+from .devices.bus import Bus
+from .devices.i8042 import I8042
+from .devices.serial import Serial
+from .errors import ConfigError, KvmError, PyvmmError
+from .kvm import Kvm, abi, exits
+from .kvm.host import PVM_CMDLINE, HostInfo, detect
+from .memory import GuestMemory
+
+log = logging.getLogger("pyvmm")
+
+#: the signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing)
+KICK_SIGNAL = signal.SIGRTMIN
+
+DEFAULT_CMDLINE = ("console=ttyS0", "reboot=k", "panic=-1", "pci=off", "io_delay=none")
+
+
+class ExitStatus:
+    """pyvmm's process exit statuses."""
+    GUEST_RESET = 0        # the guest asked for a reset (how a Linux guest powers off here)
+    GUEST_CRASH = 1        # triple fault, KVM internal error, failed VM entry
+    CONFIG = 2             # bad command line, kernel, initrd, no /dev/kvm
+    TIMEOUT = 124          # --timeout expired (as coreutils timeout)
+    INTERRUPTED = 130      # Ctrl-C
+
+
+@dataclass
+class MachineConfig:
+    kernel: str
+    initrd: str | None = None
+    cmdline: str = ""                   # appended after pyvmm's defaults
+    mem: int = layout.DEFAULT_MEM
+    cpus: int = 1
+    timeout: float | None = None
+    serial_out: BinaryIO | None = None  # default: sys.stdout.buffer
+    stdin: BinaryIO | None = None       # host input for the guest's serial port
+    default_cmdline: bool = True
+
+
+@dataclass
+class RunResult:
+    status: int
+    reason: str
+    exit_counts: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _install_kick_handler() -> None:
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        if threading.current_thread() is not threading.main_thread():
+            raise PyvmmError("the first Machine must be created in the main thread "
+                             "(it installs the vCPU kick signal handler)")
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+
+
+def handle_exit(exit_: exits.VcpuExit, pio: Bus, mmio: Bus) -> bool:
+    """Answer an I/O or MMIO exit through the buses; False if it is not one."""
+    if isinstance(exit_, exits.IoOut):
+        if exit_.count == 1:
+            pio.write(exit_.port, exit_.data)
+        else:
+            for i in range(0, len(exit_.data), exit_.size):
+                pio.write(exit_.port, exit_.data[i:i + exit_.size])
+        return True
+    if isinstance(exit_, exits.IoIn):
+        size = exit_.size
+        for i in range(0, len(exit_.data), size):
+            exit_.data[i:i + size] = pio.read(exit_.port, size)
+        return True
+    if isinstance(exit_, exits.MmioWrite):
+        mmio.write(exit_.addr, exit_.data)
+        return True
+    if isinstance(exit_, exits.MmioRead):
+        exit_.data[:] = mmio.read(exit_.addr, len(exit_.data))
+        return True
+    return False
+
+
+#: what a few instructions the PVM CPL0 emulator lacks look like (host-facts.md)
+_KNOWN_INSNS = (
+    (b"\xcc", "INT3"), (b"\x0f\x01\xca", "CLAC"), (b"\x0f\x01\xcb", "STAC"),
+    (b"\xf3\x0f\xb8", "POPCNT"), (b"\xf3\x48\x0f\xb8", "POPCNT"), (b"\x0f\xae", "XSAVE/XRSTOR family"),
+    (b"\x48\x0f\xae", "XSAVE/XRSTOR family"), (b"\xf3\x0f\xc7", "RDPID"),
+)
+
+
+def _name_insn(code: bytes) -> str:
+    for prefix, name in _KNOWN_INSNS:
+        if code.startswith(prefix):
+            return name
+    return "an instruction KVM could not emulate"
+
+
+class Machine:
+    def __init__(self, config: MachineConfig, host: HostInfo | None = None) -> None:
+        self.config = config
+        self.host = host or detect()
+        self.t0 = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self._result: RunResult | None = None
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._exit_counts: collections.Counter = collections.Counter()
+        self._counts_lock = threading.Lock()
+        self._io_lock = threading.Lock()       # legacy devices are not thread-safe
+        self._closers: list = []
+        _install_kick_handler()
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction ------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.config
+        if not layout.MEM_MIN <= cfg.mem <= layout.MEM_MAX:
+            raise ConfigError(f"--mem {cfg.mem // layout.MiB} MiB is out of range: "
+                              f"{layout.MEM_MIN // layout.MiB} MiB to {layout.MEM_MAX // layout.MiB} MiB")
+        if cfg.mem % layout.PAGE_SIZE:
+            raise ConfigError(f"--mem {cfg.mem} is not a multiple of 4 KiB")
+        try:
+            self.kvm = Kvm()
+        except KvmError as e:
+            raise ConfigError(f"cannot use KVM: {e} (is this a KVM-capable host, and may "
+                              "this user open /dev/kvm?)") from None
+        self._closers.append(self.kvm.close)
+        max_cpus = min(self.kvm.max_vcpus(), mptable.MAX_CPUS)
+        if not 1 <= cfg.cpus <= max_cpus:
+            raise ConfigError(f"--cpus {cfg.cpus} is out of range: 1 to {max_cpus} on this host")
+
+        self.memory = GuestMemory(cfg.mem)
+        self._closers.append(self.memory.close)
+        self.kernel = load_kernel(self.memory, cfg.kernel)
+        initrd = None
+        if cfg.initrd:
+            max_addr = None
+            if self.kernel.setup_header is not None and self.kernel.setup_header.initrd_addr_max:
+                max_addr = self.kernel.setup_header.initrd_addr_max + 1
+            initrd = load_initrd(self.memory, cfg.initrd, self.kernel.end, max_addr)
+        self.initrd = initrd
+        self.cmdline = self._make_cmdline()
+        bootinfo.write_cmdline(self.memory, self.cmdline.as_bytes())
+        if self.kernel.mode is EntryMode.LINUX_64:
+            bootinfo.write_zero_page(self.memory, self.kernel, self.cmdline.as_bytes(), initrd)
+        else:
+            bootinfo.write_pvh_start_info(self.memory, initrd)
+        mptable.write(self.memory, cfg.cpus)
+        gdt = x86.write_gdt(self.memory)
+        x86.write_identity_page_tables(self.memory)
+
+        self.vm = self.kvm.create_vm()
+        self._closers.append(self.vm.close)
+        # Two pages KVM needs below 4 GiB on Intel (real-mode TSS, EPT identity map).
+        self.vm.set_identity_map_addr(0xFFFBC000)
+        self.vm.set_tss_addr(0xFFFBD000)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.vm.set_user_memory_region(0, self.memory.base, self.memory.size,
+                                       self.memory.host_address)
+
+        self._build_devices()
+
+        supported = self.kvm.supported_cpuid()
+        self.vcpus = []
+        for i in range(cfg.cpus):
+            vcpu = self.vm.create_vcpu(i)
+            self._closers.append(vcpu.close)
+            self.vcpus.append(vcpu)
+            vcpu.set_cpuid2(x86.guest_cpuid(supported, i, cfg.cpus))
+            vcpu.set_msrs(x86.boot_msrs())
+            vcpu.set_fpu(x86.boot_fpu())
+            x86.set_lint(vcpu)
+        boot = self.vcpus[0]
+        long_mode = self.kernel.mode is EntryMode.LINUX_64
+        boot.set_sregs(x86.boot_sregs(boot.get_sregs(), gdt, long_mode))
+        boot.set_regs(x86.boot_regs(self.kernel.entry, long_mode))
+
+    def _make_cmdline(self) -> Cmdline:
+        cfg = self.config
+        line = Cmdline(layout.CMDLINE_MAX_SIZE)
+        if self.kernel.mode is EntryMode.LINUX_64 and cfg.default_cmdline:
+            for word in DEFAULT_CMDLINE:
+                line.insert_str(word)
+            if self.host.is_pvm:
+                log.info("PVM host: adding %s to the kernel command line (see README, "
+                         "'PVM hosts')", " ".join(PVM_CMDLINE))
+                for word in PVM_CMDLINE:
+                    line.insert_str(word)
+        line.insert_str(cfg.cmdline)
+        return line
+
+    def _eventfd_irq(self, gsi: int):
+        """An eventfd wired to ``gsi`` with KVM_IRQFD; returns the trigger callable."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._closers.append(lambda: os.close(fd))
+        self.vm.register_irqfd(fd, gsi)
+        return lambda: os.eventfd_write(fd, 1)
+
+    def _build_devices(self) -> None:
+        cfg = self.config
+        self.pio_bus = Bus(name="pio", unmapped_read_value=0xFF)
+        self.mmio_bus = Bus(name="mmio", unmapped_read_value=0x00)
+        out = cfg.serial_out if cfg.serial_out is not None else sys.stdout.buffer
+        self._rx_drained = threading.Event()
+        self.serial = Serial(self._serial_writer(out), self._eventfd_irq(layout.COM1_IRQ),
+                             on_rx_drained=self._rx_drained.set)
+        self.pio_bus.insert(layout.COM1_PORT, layout.COM1_PORT_COUNT, self.serial, "serial")
+        self.i8042 = I8042(on_reset=lambda: self.stop(ExitStatus.GUEST_RESET,
+                                                      "the guest requested a reset (i8042)"))
+        self.pio_bus.insert(layout.I8042_DATA_PORT,
+                            layout.I8042_COMMAND_PORT - layout.I8042_DATA_PORT + 1,
+                            self.i8042, "i8042")
+        self.boot_timer = BootTimer(start=self.t0)
+        self.pio_bus.insert(layout.BOOT_TIMER_PORT, 1, self.boot_timer, "boot-timer")
+
+    def _serial_writer(self, out: BinaryIO):
+        def write(data: bytes) -> None:
+            if "first_serial_byte" not in self.timings:
+                self.timings["first_serial_byte"] = time.monotonic() - self.t0
+            out.write(data)
+            out.flush()
+        return write
+
+    # -- running ----------------------------------------------------------------
+    def start(self) -> None:
+        """Start one thread per vCPU; returns at once."""
+        for vcpu in self.vcpus:
+            t = threading.Thread(target=self._vcpu_loop, args=(vcpu,),
+                                 name=f"vcpu{vcpu.index}", daemon=True)
+            self._threads.append(t)
+            t.start()
+        if self.config.stdin is not None:
+            threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> RunResult:
+        """Block until the run ends (or ``timeout``, defaulting to the config's)."""
+        timeout = self.config.timeout if timeout is None else timeout
+        try:
+            if not self._done.wait(timeout):
+                self.stop(ExitStatus.TIMEOUT, f"timed out after {timeout:g} s")
+        except KeyboardInterrupt:
+            self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
+        self._join_vcpus()
+        if self._result.status == ExitStatus.TIMEOUT:
+            for line in self.vcpu_states():
+                log.info("%s", line)
+        return self._result
+
+    def vcpu_states(self) -> list[str]:
+        """Where each (stopped) vCPU is: for the report of a run that hung."""
+        lines = []
+        for vcpu in self.vcpus:
+            try:
+                regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+                state = abi.KvmMpState(vcpu.get_mp_state()).name.removeprefix("KVM_MP_STATE_")
+            except (KvmError, ValueError) as e:
+                lines.append(f"vCPU {vcpu.index}: state unavailable ({e})")
+                continue
+            mode = ("long mode" if sregs.efer & x86.EFER_LMA else
+                    "protected mode" if sregs.cr0 & x86.X86_CR0_PE else "real mode")
+            lines.append(f"vCPU {vcpu.index}: {state.lower()}, {mode}, CPL {sregs.cs.selector & 3},"
+                         f" RIP {regs.rip:#x}, CS base {sregs.cs.base:#x}")
+        return lines
+
+    def run(self) -> RunResult:
+        self.start()
+        return self.wait()
+
+    def stop(self, status: int, reason: str) -> None:
+        """End the run (the first reason given wins) and kick every vCPU out."""
+        with self._counts_lock:
+            if self._result is None:
+                self.timings["end"] = time.monotonic() - self.t0
+                self._result = RunResult(status, reason, self._exit_counts, self.timings)
+        self._done.set()
+        self._rx_drained.set()
+        self._kick_all()
+
+    def _kick_all(self) -> None:
+        for vcpu, t in zip(self.vcpus, self._threads):
+            if vcpu.fd >= 0:
+                vcpu.set_immediate_exit(True)
+            if t.is_alive() and t is not threading.current_thread():
+                try:
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+    def _join_vcpus(self) -> None:
+        for t in self._threads:
+            while t.is_alive():
+                t.join(0.05)      # re-kick: a signal can land just before KVM_RUN is entered
+                if t.is_alive():
+                    self._kick_all()
+
+    def _vcpu_loop(self, vcpu) -> None:
+        counts: collections.Counter = collections.Counter()
+        pio, mmio, lock = self.pio_bus, self.mmio_bus, self._io_lock
+        done = self._done
+        if vcpu.index == 0:
+            self.timings["first_kvm_run"] = time.monotonic() - self.t0
+        try:
+            while not done.is_set():
+                exit_ = vcpu.run()
+                kind = type(exit_).__name__
+                counts[kind] += 1
+                if isinstance(exit_, exits.Interrupted):
+                    continue
+                with lock:
+                    if handle_exit(exit_, pio, mmio):
+                        continue
+                self.stop(*self._diagnose(vcpu, exit_))
+        except Exception as e:           # a pyvmm bug or a failing ioctl: end the run, say why
+            log.exception("vCPU %d stopped", vcpu.index)
+            self.stop(ExitStatus.GUEST_CRASH, f"vCPU {vcpu.index}: {e}")
+        finally:
+            with self._counts_lock:
+                self._exit_counts.update(counts)
+
+    def _diagnose(self, vcpu, exit_) -> tuple[int, str]:
+        """One line saying why the run ends on this exit: RIP, code bytes, meaning."""
+        where, code_text = f"vCPU {vcpu.index}", ""
+        try:
+            regs = vcpu.get_regs()
+            where += f" at RIP {regs.rip:#x}"
+            code = exit_.insn_bytes if isinstance(exit_, exits.InternalError) else b""
+            code = code or self._code_at(vcpu, regs.rip)
+            code_text = f", code {code.hex(' ')}" if code else ", no memory at RIP"
+        except (KvmError, PyvmmError):
+            code = b""
+        if isinstance(exit_, exits.Shutdown):
+            return ExitStatus.GUEST_CRASH, f"{where}{code_text}: triple fault (KVM_EXIT_SHUTDOWN)"
+        if isinstance(exit_, exits.InternalError):
+            what = exit_.suberror_name
+            if exit_.suberror == abi.KvmInternalError.KVM_INTERNAL_ERROR_EMULATION:
+                what += f": {_name_insn(code)}"
+                if self.host.is_pvm:
+                    what += " (the PVM CPL0 emulator lacks some instructions; see README)"
+            return (ExitStatus.GUEST_CRASH,
+                    f"{where}{code_text}: KVM internal error, {what}")
+        if isinstance(exit_, exits.FailEntry):
+            return (ExitStatus.GUEST_CRASH, f"{where}: VM entry failed, hardware reason "
+                    f"{exit_.hardware_entry_failure_reason:#x} on host CPU {exit_.cpu}")
+        if isinstance(exit_, exits.SystemEvent):
+            if exit_.type in (abi.KvmSystemEvent.KVM_SYSTEM_EVENT_SHUTDOWN,
+                              abi.KvmSystemEvent.KVM_SYSTEM_EVENT_RESET):
+                return ExitStatus.GUEST_RESET, f"the guest requested system event {exit_.type}"
+            return ExitStatus.GUEST_CRASH, f"{where}: system event {exit_.type} (crash)"
+        if isinstance(exit_, exits.Hlt):
+            return ExitStatus.GUEST_RESET, f"{where}: the guest halted"
+        return ExitStatus.GUEST_CRASH, f"{where}: unexpected exit {exit_}"
+
+    def _code_at(self, vcpu, rip: int) -> bytes:
+        gpa = vcpu.translate(rip)
+        if gpa is None or not self.memory.contains(gpa, 1):
+            return b""
+        return self.memory.read(gpa, min(15, self.memory.end - gpa))
+
+    def _stdin_loop(self) -> None:
+        """Feed host input to the UART, never more than its FIFO takes."""
+        fd = self.config.stdin.fileno()
+        pending = b""
+        while not self._done.is_set():
+            if not pending:
+                try:
+                    pending = os.read(fd, 64)
+                except OSError:
+                    return
+                if not pending:
+                    return                 # EOF
+            self._rx_drained.clear()
+            with self._io_lock:
+                taken = self.serial.enqueue_raw_bytes(pending)
+            pending = pending[taken:]
+            if pending:                    # FIFO full: wait until the guest drains it
+                while not (self._rx_drained.wait(1.0) or self._done.is_set()):
+                    pass
+
+    def close(self) -> None:
+        for closer in reversed(self._closers):
+            try:
+                closer()
+            except (OSError, ValueError, BufferError):
+                pass
+        self._closers.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._threads and not self._done.is_set():
+            self.stop(ExitStatus.INTERRUPTED, "machine closed")
+            self._join_vcpus()
+        self.close()
