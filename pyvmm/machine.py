@@ -45,6 +45,7 @@ from .errors import ConfigError, KvmError, PyvmmError
 from .kvm import Kvm, abi, exits
 from .kvm.host import PVM_CMDLINE, HostInfo, detect
 from .memory import GuestMemory
+from .virtio.mmio import MmioTransport
 
 log = logging.getLogger("pyvmm")
 
@@ -74,6 +75,21 @@ class MachineConfig:
     serial_out: BinaryIO | None = None  # default: sys.stdout.buffer
     stdin: BinaryIO | None = None       # host input for the guest's serial port
     default_cmdline: bool = True
+    #: virtio devices, in slot order (slot i at layout.mmio_device_base(i), IRQ mmio_device_irq(i))
+    virtio_devices: list = field(default_factory=list)
+
+
+@dataclass
+class VirtioSlot:
+    """One virtio-mmio device as the machine wired it."""
+    index: int
+    base: int
+    irq: int
+    device: object
+    transport: object
+    #: (queue index, eventfd) pairs: KVM signals the eventfd when the guest
+    #: writes that index to QueueNotify (KVM_IOEVENTFD with datamatch)
+    queue_eventfds: list[tuple[int, int]]
 
 
 @dataclass
@@ -178,15 +194,6 @@ class Machine:
                 max_addr = self.kernel.setup_header.initrd_addr_max + 1
             initrd = load_initrd(self.memory, cfg.initrd, self.kernel.end, max_addr)
         self.initrd = initrd
-        self.cmdline = self._make_cmdline()
-        bootinfo.write_cmdline(self.memory, self.cmdline.as_bytes())
-        if self.kernel.mode is EntryMode.LINUX_64:
-            bootinfo.write_zero_page(self.memory, self.kernel, self.cmdline.as_bytes(), initrd)
-        else:
-            bootinfo.write_pvh_start_info(self.memory, initrd)
-        mptable.write(self.memory, cfg.cpus)
-        gdt = x86.write_gdt(self.memory)
-        x86.write_identity_page_tables(self.memory)
 
         self.vm = self.kvm.create_vm()
         self._closers.append(self.vm.close)
@@ -199,6 +206,17 @@ class Machine:
                                        self.memory.host_address)
 
         self._build_devices()
+        self.virtio_slots = [self._add_virtio_device(d) for d in cfg.virtio_devices]
+
+        self.cmdline = self._make_cmdline()
+        bootinfo.write_cmdline(self.memory, self.cmdline.as_bytes())
+        if self.kernel.mode is EntryMode.LINUX_64:
+            bootinfo.write_zero_page(self.memory, self.kernel, self.cmdline.as_bytes(), initrd)
+        else:
+            bootinfo.write_pvh_start_info(self.memory, initrd)
+        mptable.write(self.memory, cfg.cpus)
+        gdt = x86.write_gdt(self.memory)
+        x86.write_identity_page_tables(self.memory)
 
         supported = self.kvm.supported_cpuid()
         self.vcpus = []
@@ -226,6 +244,8 @@ class Machine:
                          "'PVM hosts')", " ".join(PVM_CMDLINE))
                 for word in PVM_CMDLINE:
                     line.insert_str(word)
+        for slot in self.virtio_slots:
+            line.add_virtio_mmio_device(layout.MMIO_DEVICE_SIZE, slot.base, slot.irq)
         line.insert_str(cfg.cmdline)
         return line
 
@@ -253,6 +273,36 @@ class Machine:
         self.boot_timer = BootTimer(start=self.t0)
         self.pio_bus.insert(layout.BOOT_TIMER_PORT, 1, self.boot_timer, "boot-timer")
 
+    def _add_virtio_device(self, device) -> VirtioSlot:
+        """Map ``device`` on the next virtio-mmio slot: transport on the MMIO bus,
+        interrupt through an irqfd, one ioeventfd per queue (no vCPU exit to
+        Python on a queue notify).  The device's own I/O thread watches the
+        eventfds (``device.event_loop.add_reader``)."""
+        index = len(getattr(self, "virtio_slots", []))
+        base, irq = layout.mmio_device_base(index), layout.mmio_device_irq(index)
+        transport = MmioTransport(device, self.memory, self._eventfd_irq(irq))
+        self.mmio_bus.insert(base, layout.MMIO_DEVICE_SIZE, transport,
+                             f"virtio-mmio@{base:#x} ({type(device).__name__})")
+        queue_eventfds = []
+        for q in range(transport.num_queues):
+            fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._closers.append(lambda fd=fd: os.close(fd))
+            self.vm.register_ioeventfd(fd, base + MmioTransport.NOTIFY_OFFSET, 4, datamatch=q)
+            queue_eventfds.append((q, fd))
+            device.event_loop.add_reader(fd, self._queue_kick(fd, transport, q))
+        self._closers.append(device.stop)
+        return VirtioSlot(index, base, irq, device, transport, queue_eventfds)
+
+    @staticmethod
+    def _queue_kick(fd: int, transport, q: int):
+        def kick() -> None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                return
+            transport.queue_notify(q)
+        return kick
+
     def _serial_writer(self, out: BinaryIO):
         def write(data: bytes) -> None:
             if "first_serial_byte" not in self.timings:
@@ -263,7 +313,9 @@ class Machine:
 
     # -- running ----------------------------------------------------------------
     def start(self) -> None:
-        """Start one thread per vCPU; returns at once."""
+        """Start the devices' I/O threads and one thread per vCPU; returns at once."""
+        for slot in self.virtio_slots:
+            slot.device.start()
         for vcpu in self.vcpus:
             t = threading.Thread(target=self._vcpu_loop, args=(vcpu,),
                                  name=f"vcpu{vcpu.index}", daemon=True)

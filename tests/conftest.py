@@ -23,6 +23,7 @@ import os
 
 import pytest
 
+from harness import LAB_NODEIDS, LAB_SUMMARY
 from pyvmm.kvm.host import KvmFlavour, detect
 
 HOST = detect()
@@ -58,8 +59,6 @@ def pytest_collection_modifyitems(session, config, items):
     config.stash[LAB_NODEIDS] = [i.nodeid for i in lab_items]
 
 
-LAB_NODEIDS = pytest.StashKey[list]()
-LAB_SUMMARY = pytest.StashKey[str]()
 _outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _skip_reasons: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 

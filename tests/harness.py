@@ -10,8 +10,15 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import pytest
+
 from pyvmm import images
 from pyvmm.machine import Machine, MachineConfig, RunResult
+
+
+#: e2e test ids this session hands to the lab, and the lab run's summary line
+LAB_NODEIDS = pytest.StashKey[list]()
+LAB_SUMMARY = pytest.StashKey[str]()
 
 
 @dataclass
@@ -19,6 +26,7 @@ class GuestRun:
     result: RunResult
     console: str
     cmdline: str
+    boot_phases: tuple = ()       # (code, seconds) written to the boot-timer port
 
     @property
     def lines(self) -> list[str]:
@@ -40,8 +48,9 @@ def run_guest(kernel, *, cmdline: str = "", initrd=None, cpus: int = 1, mem: int
     with Machine(config) as vm:
         line = str(vm.cmdline)
         result = vm.run()
+        phases = tuple((r.code, r.seconds) for r in vm.boot_timer.records)
     text = out.getvalue().decode("utf-8", "replace").replace("\r\n", "\n")
-    return GuestRun(result, text, line)
+    return GuestRun(result, text, line, phases)
 
 
 def freestanding(scenario: str, **kw) -> GuestRun:
