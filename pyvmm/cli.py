@@ -117,13 +117,6 @@ def cmd_run(args) -> int:
         if initrd is None:
             initrd = str(images.default_initramfs())
     host = detect()
-    if host.flavour is KvmFlavour.NONE:
-        raise ConfigError("/dev/kvm does not exist: this host has no KVM "
-                          "(the test suite can use the lab: see README)")
-    log.info("host: %s (%s)", host.flavour.value, host.detail)
-    if host.is_pvm:
-        log.warning("PVM host: the guest kernel runs emulated (slowly) and a stock Linux "
-                    "guest cannot run userspace here")
     serial_out, close_serial = sys.stdout.buffer, None
     stdin = sys.stdin.buffer if sys.stdin is not None else None
     if args.serial != "stdio":
@@ -137,6 +130,10 @@ def cmd_run(args) -> int:
                            stdin=stdin, default_cmdline=not args.no_default_cmdline)
     try:
         with Machine(config, host) as vm:
+            log.info("host: %s (%s)", host.flavour.value, host.detail)
+            if host.is_pvm and vm.kernel.format != "pvh-elf":
+                log.warning("PVM host: the guest kernel runs emulated (slowly) and a stock "
+                            "Linux guest cannot run its userspace here")
             log.info("kernel %s (%s, %s), %d MiB, %d vCPU(s)", kernel, vm.kernel.format,
                      vm.kernel.mode.value, args.mem // layout.MiB, args.cpus)
             log.debug("cmdline: %s", vm.cmdline)
@@ -145,14 +142,20 @@ def cmd_run(args) -> int:
     finally:
         if close_serial is not None:
             close_serial.close()
-    t = result.timings
     log.info("%s (status %d)", result.reason, result.status)
-    log.info("times: first KVM_RUN %.1f ms, first serial byte %s, end %.2f s",
-             t.get("first_kvm_run", 0) * 1e3,
-             f"{t['first_serial_byte'] * 1e3:.1f} ms" if "first_serial_byte" in t else "none",
-             t.get("end", 0))
+    log.info("times since pyvmm started: %s", _format_times(result.timings))
     log.info("exits: %s", ", ".join(f"{k} {v}" for k, v in sorted(result.exit_counts.items())))
     return result.status
+
+
+def _format_times(t: dict[str, float]) -> str:
+    origin = t.get("process_start", 0.0)          # negative: before the Machine was made
+    parts = []
+    for key, label in (("first_kvm_run", "first KVM_RUN"),
+                       ("first_serial_byte", "first guest serial byte"), ("end", "end")):
+        if key in t:
+            parts.append(f"{label} {t[key] - origin:.3f} s")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -100,6 +100,17 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _process_age() -> float | None:
+    """Seconds since this process started (from /proc/self/stat, 1/CLK_TCK resolution)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        start = int(fields[19]) / os.sysconf("SC_CLK_TCK")       # field 22: starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _install_kick_handler() -> None:
     if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
         if threading.current_thread() is not threading.main_thread():
@@ -151,7 +162,12 @@ class Machine:
         self.config = config
         self.host = host or detect()
         self.t0 = time.monotonic()
+        #: seconds since self.t0 (the Machine's creation); "process_start" is negative:
+        #: when the pyvmm process started, relative to t0
         self.timings: dict[str, float] = {}
+        age = _process_age()
+        if age is not None:
+            self.timings["process_start"] = -age
         self._result: RunResult | None = None
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -169,11 +185,22 @@ class Machine:
     # -- construction ------------------------------------------------------------
     def _build(self) -> None:
         cfg = self.config
+        if cfg.cpus < 1:
+            raise ConfigError(f"--cpus {cfg.cpus}: a machine needs at least one vCPU")
         if not layout.MEM_MIN <= cfg.mem <= layout.MEM_MAX:
             raise ConfigError(f"--mem {cfg.mem // layout.MiB} MiB is out of range: "
                               f"{layout.MEM_MIN // layout.MiB} MiB to {layout.MEM_MAX // layout.MiB} MiB")
         if cfg.mem % layout.PAGE_SIZE:
             raise ConfigError(f"--mem {cfg.mem} is not a multiple of 4 KiB")
+        self.memory = GuestMemory(cfg.mem)
+        self._closers.append(self.memory.close)
+        self.kernel = load_kernel(self.memory, cfg.kernel)
+        initrd = None
+        if cfg.initrd:
+            max_addr = None
+            if self.kernel.setup_header is not None and self.kernel.setup_header.initrd_addr_max:
+                max_addr = self.kernel.setup_header.initrd_addr_max + 1
+            initrd = load_initrd(self.memory, cfg.initrd, self.kernel.end, max_addr)
         try:
             self.kvm = Kvm()
         except KvmError as e:
@@ -184,15 +211,6 @@ class Machine:
         if not 1 <= cfg.cpus <= max_cpus:
             raise ConfigError(f"--cpus {cfg.cpus} is out of range: 1 to {max_cpus} on this host")
 
-        self.memory = GuestMemory(cfg.mem)
-        self._closers.append(self.memory.close)
-        self.kernel = load_kernel(self.memory, cfg.kernel)
-        initrd = None
-        if cfg.initrd:
-            max_addr = None
-            if self.kernel.setup_header is not None and self.kernel.setup_header.initrd_addr_max:
-                max_addr = self.kernel.setup_header.initrd_addr_max + 1
-            initrd = load_initrd(self.memory, cfg.initrd, self.kernel.end, max_addr)
         self.initrd = initrd
 
         self.vm = self.kvm.create_vm()
@@ -325,18 +343,32 @@ class Machine:
             threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
 
     def wait(self, timeout: float | None = None) -> RunResult:
-        """Block until the run ends (or ``timeout``, defaulting to the config's)."""
+        """Block until the run ends (or ``timeout``, defaulting to the config's).
+
+        Ctrl-C (KeyboardInterrupt) at any point stops the machine cleanly."""
         timeout = self.config.timeout if timeout is None else timeout
-        try:
-            if not self._done.wait(timeout):
-                self.stop(ExitStatus.TIMEOUT, f"timed out after {timeout:g} s")
-        except KeyboardInterrupt:
-            self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
-        self._join_vcpus()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                if not self._done.is_set():
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    if not self._done.wait(remaining):
+                        self.stop(ExitStatus.TIMEOUT, f"timed out after {timeout:g} s")
+                self._join_vcpus()
+                break
+            except KeyboardInterrupt:
+                self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
         if self._result.status == ExitStatus.TIMEOUT:
             for line in self.vcpu_states():
                 log.info("%s", line)
         return self._result
+
+    def run(self) -> RunResult:
+        try:
+            self.start()
+        except KeyboardInterrupt:
+            self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
+        return self.wait()
 
     def vcpu_states(self) -> list[str]:
         """Where each (stopped) vCPU is: for the report of a run that hung."""
@@ -353,10 +385,6 @@ class Machine:
             lines.append(f"vCPU {vcpu.index}: {state.lower()}, {mode}, CPL {sregs.cs.selector & 3},"
                          f" RIP {regs.rip:#x}, CS base {sregs.cs.base:#x}")
         return lines
-
-    def run(self) -> RunResult:
-        self.start()
-        return self.wait()
 
     def stop(self, status: int, reason: str) -> None:
         """End the run (the first reason given wins) and kick every vCPU out."""

@@ -64,6 +64,10 @@ _skip_reasons: dict[str, collections.Counter] = collections.defaultdict(collecti
 
 
 def _test_class(report) -> str:
+    if report.nodeid.startswith("tests/lab/"):
+        return "lab"                      # the lab's own tests (host side)
+    if report.nodeid.startswith("tests/test_lab_e2e.py"):
+        return "lab proxy"
     for name in CLASSES:
         if name in report.keywords:
             return name
@@ -82,13 +86,15 @@ def pytest_runtest_logreport(report):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     where = {
         "unit": "here",
+        "lab": "here: QEMU TCG starting the lab",
+        "lab proxy": "here: runs the e2e tests inside the lab",
         "kvm": f"here, on {HOST.flavour.value}",
         "linux_boot": f"here, on {HOST.flavour.value}",
         "e2e": ("inside the lab (nested KVM)" if IN_LAB else f"here, on {HOST.flavour.value}"),
     }
     tr = terminalreporter
     tr.section("pyvmm: what ran where")
-    for cls in ("unit",) + CLASSES:
+    for cls in ("unit", "lab") + CLASSES + ("lab proxy",):
         counts = _outcomes.get(cls)
         if not counts:
             continue

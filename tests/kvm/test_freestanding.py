@@ -72,3 +72,27 @@ def test_unknown_scenario_exits_1():
     run = freestanding("no-such-thing", timeout=30)
     assert "pyvmm-test-guest: unknown scenario 'no-such-thing'" in run.console, run.explain()
     assert "pyvmm-test-guest: exit 1" in run.console
+
+
+def test_ctrl_c_stops_cleanly():
+    """SIGINT to a running pyvmm: every vCPU is kicked out of KVM_RUN, exit 130."""
+    import signal
+    import subprocess
+    import sys
+
+    from pyvmm import images
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", "--kernel", str(images.freestanding_guest()),
+         "--cmdline", "loop", "--cpus", "2", "--timeout", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        for line in proc.stdout:                 # wait until the guest is spinning at CPL3
+            if b"spinning" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == ExitStatus.INTERRUPTED, err.decode()
+    assert b"interrupted (Ctrl-C)" in err and b"Traceback" not in err

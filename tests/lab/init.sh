@@ -7,9 +7,9 @@
 #
 #   1. mounts proc, sysfs and devtmpfs, and opens the status port (ttyS3);
 #   2. loads kvm, kvm_amd and the virtio/9p modules, and checks /dev/kvm;
-#   3. mounts the host's / read-only at /newroot (9p tag "hostroot") and the
-#      project directory read-write over its own path inside it (tag "project"),
-#      then fresh proc, sys, dev, dev/pts, dev/shm, tmp, run and var/tmp;
+#   3. mounts the host's / read-only at /newroot (9p tag "hostroot"), fresh proc,
+#      sys, dev, dev/pts, dev/shm, tmp, run and var/tmp inside it, and last the
+#      project directory read-write over its own path (tag "project");
 #   4. runs the command chrooted into /newroot: stdin /dev/null, stdout on
 #      ttyS1, stderr on ttyS2;
 #   5. reports its exit status on the status port and powers the machine off.
@@ -69,9 +69,6 @@ ninep="trans=virtio,version=9p2000.L,msize=262144"
 # The host root is read-only and changes little during a run: cache it (cache=loose).
 mount -t 9p -o "$ninep,ro,cache=loose" hostroot /newroot ||
     fail "cannot mount the host root (9p tag hostroot)"
-# The project is shared read-write and edited on the host meanwhile: no caching.
-mount -t 9p -o "$ninep,rw" project "/newroot$LAB_PROJECT" ||
-    fail "cannot mount the project directory $LAB_PROJECT (9p tag project)"
 mount -t proc proc /newroot/proc
 mount -t sysfs sysfs /newroot/sys
 mount -t devtmpfs devtmpfs /newroot/dev
@@ -81,6 +78,12 @@ mount -t tmpfs -o mode=1777 tmpfs /newroot/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 mount -t tmpfs -o mode=1777 tmpfs /newroot/var/tmp
+# The project is shared read-write and edited on the host meanwhile: no caching. It is
+# mounted last, so that a project under /tmp (a CI clone, say) is not hidden by the tmpfs;
+# there its mount point has to be made first.
+mkdir -p "/newroot$LAB_PROJECT"
+mount -t 9p -o "$ninep,rw" project "/newroot$LAB_PROJECT" ||
+    fail "cannot mount the project directory $LAB_PROJECT (9p tag project)"
 [ -d "/newroot$LAB_CWD" ] || fail "working directory $LAB_CWD does not exist"
 
 # 4. The command. The output ports are set raw while nobody has them open; the

@@ -28,7 +28,7 @@ What the lab builds and where (``$PYVMM_CACHE``, default ``~/.cache/pyvmm``)::
 ``<key>`` hashes the kernel package's name and version, this directory's scripts and the
 busybox binary; an image is rebuilt only when its key changes or its files do not match
 the manifest. Each run appends a small second cpio archive holding ``/lab/job.sh`` (the
-command, its working directory and environment) to a copy of the initramfs.
+command, its working directory and environment) to a copy of the initramfs, in a memfd.
 
 Inside, init.sh reports on a serial port of its own (ttyS3) and the command's stdout and
 stderr have one port each (ttyS1, ttyS2): init.sh describes the lines. The command's exit
@@ -225,7 +225,7 @@ def _kernel_package() -> KernelPackage:
         if saved["apt_state"] == state:
             return KernelPackage(saved["name"], saved["version"])
     package = _resolve_kernel_package()
-    fresh = memo.with_suffix(".new")
+    fresh = memo.with_name(f"apt.json.{os.getpid()}")
     fresh.write_text(json.dumps({"apt_state": state, **dataclasses.asdict(package)}) + "\n")
     fresh.replace(memo)
     return package
@@ -425,7 +425,8 @@ def _build_image(package: KernelPackage, key: str, destination: Path) -> None:
         if done.returncode != 0 or len(debs) != 1:
             raise LabError(f"`{shlex.join(download)}` failed: {_last_line(done.stderr)}")
         unpacked = work / "package"
-        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], check=True)
+        subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], capture_output=True,
+                       check=True)
         debs[0].unlink()
         kernels = list(unpacked.glob("boot/vmlinuz-*"))
         module_dirs = [*unpacked.glob("lib/modules/*"), *unpacked.glob("usr/lib/modules/*")]
@@ -478,17 +479,33 @@ def _prepare_image() -> tuple[Image, bool]:
     _install_host_packages()
     root = _cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    package = _kernel_package()
+    try:
+        package = _kernel_package()
+    except LabError as error:          # e.g. no apt lists: fall back on the last image
+        current = Image.load(root / "current")
+        if current is None:
+            raise
+        _log(f"{error}; using the cached image {current.directory.resolve().name}")
+        return current, False
     key = _image_key(package)
     with _locked(root / ".lock"):
         image = Image.load(root / key)
         built = image is None
         if built:
+            for stale in root.glob(".build-*"):    # builds run under the lock: these are
+                shutil.rmtree(stale, ignore_errors=True)   # left by a killed build
             if shutil.disk_usage(root).free < MIN_FREE_BYTES_TO_BUILD:
                 raise LabError(f"less than 1 GiB free in {root} to build the lab's image")
             _log(f"building the outer Linux image from {package.name} {package.version} "
                  f"into {root / key} (once)")
-            _build_image(package, key, root / key)
+            try:
+                _build_image(package, key, root / key)
+            except subprocess.CalledProcessError as error:
+                command = shlex.join(map(str, error.cmd))
+                stderr = error.stderr or ""
+                if isinstance(stderr, bytes):
+                    stderr = stderr.decode(errors="replace")
+                raise LabError(f"`{command}` failed: {_last_line(stderr)}") from None
             image = Image.load(root / key)
             if image is None:
                 raise LabError(f"the image just built in {root / key} is not valid")
@@ -510,10 +527,12 @@ def _job_script(cmd: list[str], cwd: Path, env: dict[str, str]) -> bytes:
 # One lab run, written by tests/lab/lab.py and sourced by /init.
 LAB_PROJECT={shlex.quote(str(PROJECT_DIR))}
 LAB_CWD={shlex.quote(str(cwd))}
-# chroot runs the host's /bin/sh, which sets $0 to the cwd and "$@" to the command.
+# chroot runs the host's /bin/sh with $0 = lab-exec (its name in error messages),
+# $1 = the working directory, and the command after it.
 lab_command() {{
     exec env -i {assignments} \\
-        chroot /newroot /bin/sh -c 'cd "$0" && exec "$@"' {shlex.join([str(cwd), *cmd])}
+        chroot /newroot /bin/sh -c 'cd "$1" && shift && exec "$@"' \\
+        lab-exec {shlex.join([str(cwd), *cmd])}
 }}
 """.encode()
 
@@ -540,8 +559,8 @@ def _working_directory(cwd: str | os.PathLike | None) -> Path:
     return path if path == PROJECT_DIR or PROJECT_DIR in path.parents else PROJECT_DIR
 
 
-def _qemu_command(image: Image, initrd: Path, cpus: int, mem_mb: int,
-                  port_fds: list[int]) -> list[str]:
+def _qemu_command(image: Image, initrd: str, cpus: int, mem_mb: int) -> list[str]:
+    """QEMU's command line, without the serial ports (_boot attaches those)."""
     def escaped(path: Path) -> str:    # QEMU option values double their commas
         return str(path).replace(",", ",,")
 
@@ -552,16 +571,13 @@ def _qemu_command(image: Image, initrd: Path, cpus: int, mem_mb: int,
         "-m", str(mem_mb), "-smp", str(cpus),
         "-nographic", "-no-reboot", "-monitor", "none",
         "-nic", "none",                # no network: no way out of the lab. And no vsock device.
-        "-kernel", escaped(image.kernel), "-initrd", escaped(initrd),
+        "-kernel", escaped(image.kernel), "-initrd", initrd,
         "-append", KERNEL_CMDLINE,
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
                    "multidevs=remap",
         "-virtfs", f"local,path={escaped(PROJECT_DIR)},mount_tag=project,"
                    "security_model=none,multidevs=remap",
     ]
-    # ttyS0..ttyS3, each written by QEMU into a pipe that this process reads.
-    for port, fd in zip(PORTS, port_fds):
-        command += ["-chardev", f"file,id={port},path=/dev/fd/{fd}", "-serial", f"chardev:{port}"]
     return command
 
 
@@ -602,9 +618,7 @@ def _terminate_on_signals():
 class _Session:
     """Reads the four ports and QEMU's own output until QEMU exits, or the deadline."""
 
-    def __init__(self, started: float, stdout: BinaryIO | None, stderr: BinaryIO | None,
-                 verbose: bool):
-        self.started = started
+    def __init__(self, stdout: BinaryIO | None, stderr: BinaryIO | None, verbose: bool):
         self.sinks: dict[str, Callable[[bytes], None]] = {
             "console": self._console, "stdout": self._stdout, "stderr": self._stderr,
             "status": self._status, "qemu": self._qemu}
@@ -616,18 +630,33 @@ class _Session:
         self.events: dict[str, list[str]] = {}         # status word -> its arguments
         self.arrival: dict[str, float] = {}            # status word -> host time it arrived
 
-    def _forward(self, stream: BinaryIO | None, data: bytes) -> None:
-        if stream is not None:
+    def _forward(self, stream: BinaryIO | None, data: bytes) -> bool:
+        """Copy ``data`` to ``stream``; False once nobody reads it any more."""
+        if stream is None:
+            return True
+        try:
             stream.write(data)
             stream.flush()
+        except BrokenPipeError:
+            # e.g. `tests/lab/run -- CMD | head`: the command runs on and its status still
+            # counts; what it writes is only kept. Python's documented idiom: point the fd
+            # at /dev/null, so that the flush at exit does not fail again.
+            with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            return False
+        return True
 
     def _stdout(self, data: bytes) -> None:
         self.chunks.append(("stdout", data))
-        self._forward(self.stdout_stream, data)
+        if not self._forward(self.stdout_stream, data):
+            self.stdout_stream = None
 
     def _stderr(self, data: bytes) -> None:
         self.chunks.append(("stderr", data))
-        self._forward(self.stderr_stream, data)
+        if not self._forward(self.stderr_stream, data):
+            self.stderr_stream = None
 
     def _console(self, data: bytes) -> None:
         self.console += data
@@ -648,7 +677,7 @@ class _Session:
                 self.events[word] = arguments[0].split(" ") if arguments else []
                 self.arrival[word] = time.monotonic()
                 if self.verbose and word in ("init", "kvm", "start"):
-                    self._forward(self.stderr_stream, f"lab: {line.decode()}\n".encode())
+                    self._forward(self.stderr_stream, b"lab: " + line + b"\n")
 
     def pump(self, qemu: subprocess.Popen, read_fds: dict[int, str], deadline: float) -> bool:
         """Copy everything QEMU writes to its sink until all pipes close. When the deadline
@@ -675,6 +704,65 @@ class _Session:
         return b"".join(data for name, data in self.chunks if name in streams).decode(
             errors="replace")
 
+    def result(self, status: int, timings: dict[str, float],
+               error: str | None = None) -> LabResult:
+        return LabResult(status, self.joined("stdout", "stderr"), timings,
+                         self.joined("stdout"), self.joined("stderr"),
+                         self.console.decode(errors="replace"), error)
+
+
+def _job_initrd(image: Image, cmd: list[str], cwd: Path, env: dict[str, str]) -> int:
+    """A memfd holding the image's initramfs with this run's /lab/job.sh appended as a
+    second archive (the kernel unpacks both). QEMU opens it as /dev/fd/N; being memory,
+    it vanishes with the last process holding it, so no temporary file can be left behind.
+    """
+    fd = os.memfd_create("pyvmm-lab-initrd")
+    with image.initramfs.open("rb") as base, open(fd, "wb", closefd=False) as out:
+        shutil.copyfileobj(base, out)
+        job = Cpio(out)
+        job.file("lab/job.sh", _job_script(cmd, cwd, env))
+        job.close()
+    return fd
+
+
+def _boot(command: list[str], inherit: list[int], session: _Session,
+          timeout: float) -> tuple[int, bool, float]:
+    """Run QEMU with ``command`` (its ports still to be attached) and the file descriptors
+    ``inherit`` (which it names as /dev/fd/N), feeding ``session``.
+
+    Returns QEMU's exit status, whether the timeout killed it, and when it started. QEMU is
+    reaped on every way out: normal exit, timeout, an exception such as KeyboardInterrupt
+    or _Terminated; and PR_SET_PDEATHSIG kills it if this process dies without unwinding.
+    """
+    pipes = {port: os.pipe() for port in PORTS}
+    qemu_read, qemu_write = os.pipe()
+    for port, (_, write_end) in pipes.items():
+        command += ["-chardev", f"file,id={port},path=/dev/fd/{write_end}",
+                    "-serial", f"chardev:{port}"]
+    read_fds = {read_end: port for port, (read_end, _) in pipes.items()}
+    read_fds[qemu_read] = "qemu"
+    qemu = None
+    try:
+        try:
+            qemu = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=qemu_write, stderr=qemu_write,
+                pass_fds=[*inherit, *(write_end for _, write_end in pipes.values())],
+                start_new_session=True,     # a terminal's Ctrl-C reaches us, and we stop QEMU
+                preexec_fn=_die_with_parent)
+        finally:                            # from here on only QEMU holds the write ends
+            for _, write_end in pipes.values():
+                os.close(write_end)
+            os.close(qemu_write)
+        qemu_started = time.monotonic()
+        timed_out = session.pump(qemu, read_fds, qemu_started + timeout)
+        return qemu.wait(), timed_out, qemu_started
+    finally:
+        if qemu is not None and qemu.poll() is None:
+            qemu.kill()
+            qemu.wait()
+        for fd in read_fds:
+            os.close(fd)
+
 
 def run(cmd: list[str], timeout: float = DEFAULT_TIMEOUT, cpus: int = 1, *,
         mem_mb: int = DEFAULT_MEM_MB, cwd: str | os.PathLike | None = None,
@@ -688,78 +776,40 @@ def run(cmd: list[str], timeout: float = DEFAULT_TIMEOUT, cpus: int = 1, *,
     PYVMM_CACHE, VIRTUAL_ENV, TERM=dumb, PYVMM_IN_LAB=1). The command's output is also
     copied, as it arrives, to ``stdout`` / ``stderr`` when given; ``verbose`` copies the
     outer console and QEMU's messages to ``stderr`` too. Lab failures give status 124 or
-    125 with ``error`` set; KeyboardInterrupt and _Terminated propagate after QEMU is reaped.
+    125 with ``error`` set. KeyboardInterrupt, and SIGTERM/SIGHUP as _Terminated (in the
+    main thread), propagate after QEMU has been reaped.
     """
     if not cmd:
         raise ValueError("run() needs a command")
     started = time.monotonic()
     timings: dict[str, float] = {}
-
-    def failed(status: int, error: str, session: _Session | None = None) -> LabResult:
-        timings["total"] = time.monotonic() - started
-        if session is None:
-            return LabResult(status, "", timings, error=error)
-        return LabResult(status, session.joined("stdout", "stderr"), timings,
-                         session.joined("stdout"), session.joined("stderr"),
-                         session.console.decode(errors="replace"), error)
-
-    try:
-        image, built = _prepare_image()
-    except LabError as error:
-        return failed(EXIT_LAB_ERROR, str(error))
-    timings["prepare"] = time.monotonic() - started
-    if built:
-        timings["build"] = timings["prepare"]
-
-    session = _Session(started, stdout, stderr, verbose)
-    with tempfile.TemporaryDirectory(prefix="pyvmm-lab-") as scratch:
-        initrd = Path(scratch) / "initrd.cpio"
-        with image.initramfs.open("rb") as base, initrd.open("wb") as out:
-            shutil.copyfileobj(base, out)
-            job = Cpio(out)
-            job.file("lab/job.sh", _job_script(cmd, _working_directory(cwd),
-                                                _command_env(env)))
-            job.close()
-
-        pipes = [os.pipe() for _ in PORTS]
-        qemu_read, qemu_write = os.pipe()
-        command = _qemu_command(image, initrd, cpus, mem_mb, [w for _, w in pipes])
-        read_fds = {r: port for (r, _), port in zip(pipes, PORTS)}
-        read_fds[qemu_read] = "qemu"
-        qemu = None
+    session = _Session(stdout, stderr, verbose)
+    with _terminate_on_signals():
         try:
-            with _terminate_on_signals():
-                try:
-                    qemu = subprocess.Popen(
-                        command, stdin=subprocess.DEVNULL, stdout=qemu_write,
-                        stderr=qemu_write, pass_fds=[w for _, w in pipes],
-                        start_new_session=True, preexec_fn=_die_with_parent)
-                finally:                # only QEMU holds the write ends now
-                    for _, write_end in pipes:
-                        os.close(write_end)
-                    os.close(qemu_write)
-                qemu_started = time.monotonic()
-                timed_out = session.pump(qemu, read_fds, qemu_started + timeout)
-                qemu.wait()
+            image, built = _prepare_image()
+        except LabError as error:
+            timings["total"] = time.monotonic() - started
+            return session.result(EXIT_LAB_ERROR, timings, str(error))
+        timings["prepare"] = time.monotonic() - started
+        if built:
+            timings["build"] = timings["prepare"]
+        initrd = _job_initrd(image, cmd, _working_directory(cwd), _command_env(env))
+        try:
+            command = _qemu_command(image, f"/dev/fd/{initrd}", cpus, mem_mb)
+            returncode, timed_out, qemu_started = _boot(command, [initrd], session, timeout)
         finally:
-            if qemu is not None and qemu.poll() is None:
-                qemu.kill()
-                qemu.wait()
-            for fd in read_fds:
-                os.close(fd)
+            os.close(initrd)
     timings["total"] = time.monotonic() - started
     _fill_timings(timings, session, started, qemu_started)
 
     events = session.events
     if timed_out:
-        return failed(EXIT_TIMEOUT, f"timed out after {timeout:g} s", session)
+        return session.result(EXIT_TIMEOUT, timings, f"timed out after {timeout:g} s")
     if "error" in events:
-        return failed(EXIT_LAB_ERROR, "init: " + " ".join(events["error"]), session)
+        return session.result(EXIT_LAB_ERROR, timings, "init: " + " ".join(events["error"]))
     if "exit" not in events:
-        return failed(EXIT_LAB_ERROR, _why_no_status(session, qemu.returncode), session)
-    return LabResult(int(events["exit"][0]), session.joined("stdout", "stderr"), timings,
-                     session.joined("stdout"), session.joined("stderr"),
-                     session.console.decode(errors="replace"))
+        return session.result(EXIT_LAB_ERROR, timings, _why_no_status(session, returncode))
+    return session.result(int(events["exit"][0]), timings)
 
 
 def _fill_timings(timings: dict[str, float], session: _Session, started: float,
@@ -874,10 +924,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run(cmd, args.timeout, args.cpus, mem_mb=args.mem, env=extra,
                      stdout=sys.stdout.buffer, stderr=sys.stderr.buffer, verbose=args.verbose)
     except KeyboardInterrupt:
-        _log("interrupted; the machine was stopped")
+        _log("interrupted; nothing is left running")
         return 130
     except _Terminated as terminated:
-        _log(f"terminated by signal {terminated.signum}; the machine was stopped")
+        _log(f"terminated by signal {terminated.signum}; nothing is left running")
         return 128 + terminated.signum
     if result.error is not None:
         _log(result.error)

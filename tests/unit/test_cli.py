@@ -1,0 +1,102 @@
+"""Bad requests give one clear line and exit status 2, never a traceback.
+
+Most cases fail before /dev/kvm is opened, so they run anywhere; the ones
+that need KVM's own limits are marked ``kvm``.
+"""
+
+import errno
+import subprocess
+import sys
+
+import pytest
+
+from pyvmm import cli
+from pyvmm.errors import KvmError
+
+
+def pyvmm(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "pyvmm", "-q", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def elf(tmp_path):
+    """A tiny valid PVH ELF (never run: these tests stop before KVM_RUN)."""
+    from test_boot import make_elf
+    p = tmp_path / "guest.elf"
+    p.write_bytes(make_elf([(0x100000, b"\xf4", 1)], 0x100000, pvh_entry=0x100000))
+    return str(p)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--kernel", "/nonexistent/vmlinux"], "does not exist"),
+    (["--kernel", "/"], "is a directory"),
+    (["--kernel", "/etc/hostname"], "too short"),
+    (["--kernel", "/bin/sh"], "not an executable (ET_EXEC)"),
+    (["--kernel", "/etc/passwd", "--mem", "1M"], "--mem 1 MiB is out of range"),
+    (["--kernel", "/etc/passwd", "--mem", "8G"], "out of range"),
+    (["--kernel", "/etc/passwd", "--cpus", "0"], "at least one vCPU"),
+])
+def test_bad_requests(args, fragment):
+    assert_one_line_error(pyvmm("run", *args), fragment)
+
+
+def test_not_a_kernel(tmp_path):
+    p = tmp_path / "zeros"
+    p.write_bytes(bytes(8192))
+    assert_one_line_error(pyvmm("run", "--kernel", str(p)), "neither an ELF vmlinux nor a bzImage")
+
+
+def test_truncated_bzimage(tmp_path):
+    from test_boot import make_bzimage
+    p = tmp_path / "bzImage"
+    p.write_bytes(make_bzimage()[:0x230])
+    assert_one_line_error(pyvmm("run", "--kernel", str(p)), "truncated")
+
+
+def test_missing_and_oversized_initrd(tmp_path, elf):
+    assert_one_line_error(pyvmm("run", "--kernel", elf, "--initrd", str(tmp_path / "no")),
+                          "does not exist")
+    big = tmp_path / "big.cpio"
+    big.write_bytes(b"\0" * (20 << 20))
+    assert_one_line_error(pyvmm("run", "--kernel", elf, "--initrd", str(big), "--mem", "16M"),
+                          "does not fit")
+
+
+@pytest.mark.parametrize("args", [["--mem", "lots"], ["--timeout", "-1"], ["--cpus", "two"]])
+def test_argument_syntax_errors_exit_2(args, elf):
+    proc = pyvmm("run", "--kernel", elf, *args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "invalid" in proc.stderr
+
+
+@pytest.mark.parametrize("err,fragment", [(errno.ENOENT, "No such file"),
+                                          (errno.EACCES, "Permission denied")])
+def test_no_kvm_or_no_permission(monkeypatch, capsys, elf, err, fragment):
+    def no_kvm(*a, **k):
+        raise KvmError("open /dev/kvm", err)
+    monkeypatch.setattr("pyvmm.machine.Kvm", no_kvm)
+    assert cli.main(["-q", "run", "--kernel", elf]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and line.startswith("pyvmm: error: cannot use KVM") and fragment in line
+
+
+def test_sizes():
+    assert cli.parse_size("64M") == 64 << 20
+    assert cli.parse_size("1G") == 1 << 30
+    assert cli.parse_size("65536K") == 64 << 20
+    assert cli.parse_size("128") == 128 << 20
+    assert cli.parse_size("2GiB") == 2 << 30
+
+
+@pytest.mark.kvm
+def test_too_many_cpus(elf):
+    assert_one_line_error(pyvmm("run", "--kernel", elf, "--cpus", "999"), "out of range")
