@@ -47,6 +47,25 @@ def positive_float(text: str) -> float:
     return value
 
 
+def parse_vsock(text: str):
+    """'CID[,uds=PATH]' (also 'cid=CID,socket=PATH', cloud-hypervisor's spelling)."""
+    from .machine import VsockConfig
+    cid, uds = None, None
+    for i, item in enumerate(text.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq and i == 0:
+            key, value = "cid", key
+        if key == "cid" and value.isdigit():
+            cid = int(value)
+        elif key in ("uds", "socket") and value:
+            uds = value
+        else:
+            raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: expected CID[,uds=PATH]")
+    if cid is None:
+        raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: no CID")
+    return VsockConfig(cid, uds)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvmm", description="A Python VMM on Linux KVM.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -66,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--timeout", type=positive_float, help="stop the guest after S seconds")
     run.add_argument("--serial", default="stdio", help="'stdio' or a file for the console output")
+    run.add_argument("--vsock", type=parse_vsock, metavar="CID[,uds=PATH]",
+                     help="a virtio-vsock device with guest CID; host programs reach guest "
+                     "port P by writing 'CONNECT P\\n' to the Unix socket PATH, and a guest "
+                     "connect to CID 2 port P goes to PATH_P (Firecracker's protocol)")
+    run.add_argument("--metrics", metavar="PATH", help="write the device counters as JSON "
+                     "to PATH when the run ends")
 
     sub.add_parser("info", help="what KVM this host has, and the default images")
     return parser
@@ -127,7 +152,8 @@ def cmd_run(args) -> int:
         stdin = None
     config = MachineConfig(kernel=kernel, initrd=initrd, cmdline=args.cmdline, mem=args.mem,
                            cpus=args.cpus, timeout=args.timeout, serial_out=serial_out,
-                           stdin=stdin, default_cmdline=not args.no_default_cmdline)
+                           stdin=stdin, default_cmdline=not args.no_default_cmdline,
+                           vsock=args.vsock)
     try:
         with Machine(config, host) as vm:
             log.info("host: %s (%s)", host.flavour.value, host.detail)
@@ -137,8 +163,13 @@ def cmd_run(args) -> int:
             log.info("kernel %s (%s, %s), %d MiB, %d vCPU(s)", kernel, vm.kernel.format,
                      vm.kernel.mode.value, args.mem // layout.MiB, args.cpus)
             log.debug("cmdline: %s", vm.cmdline)
+            if args.vsock is not None:
+                log.info("vsock: guest CID %d%s", args.vsock.guest_cid,
+                         f", host end {args.vsock.uds_path}" if args.vsock.uds_path else "")
             with _cbreak(stdin if args.serial == "stdio" else None):
                 result = vm.run()
+            if args.metrics:
+                _write_metrics(args.metrics, vm, result)
     finally:
         if close_serial is not None:
             close_serial.close()
@@ -146,6 +177,21 @@ def cmd_run(args) -> int:
     log.info("times since pyvmm started: %s", _format_times(result.timings))
     log.info("exits: %s", ", ".join(f"{k} {v}" for k, v in sorted(result.exit_counts.items())))
     return result.status
+
+
+def _write_metrics(path: str, vm, result) -> None:
+    import json
+    doc = {"status": result.status, "reason": result.reason, "timings": result.timings,
+           "exits": dict(result.exit_counts)}
+    if vm.vsock_device is not None:
+        doc["vsock"] = vm.vsock_device.counters()
+    doc["virtio"] = [{"base": slot.base, "irq": slot.irq, **slot.transport.snapshot()}
+                     for slot in vm.virtio_slots]
+    try:
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True, default=str)
+    except OSError as e:
+        log.error("--metrics %s: %s", path, e.strerror)
 
 
 def _format_times(t: dict[str, float]) -> str:

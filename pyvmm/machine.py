@@ -75,8 +75,17 @@ class MachineConfig:
     serial_out: BinaryIO | None = None  # default: sys.stdout.buffer
     stdin: BinaryIO | None = None       # host input for the guest's serial port
     default_cmdline: bool = True
-    #: virtio devices, in slot order (slot i at layout.mmio_device_base(i), IRQ mmio_device_irq(i))
+    #: the virtio-vsock device: the guest's CID and the Firecracker-style Unix socket
+    vsock: "VsockConfig | None" = None
+    #: further virtio devices, in slot order after vsock (slot i at
+    #: layout.mmio_device_base(i), IRQ layout.mmio_device_irq(i))
     virtio_devices: list = field(default_factory=list)
+
+
+@dataclass
+class VsockConfig:
+    guest_cid: int
+    uds_path: str | None = None       # host end: CONNECT <port> here; guest connects go to uds_path_<port>
 
 
 @dataclass
@@ -224,7 +233,16 @@ class Machine:
                                        self.memory.host_address)
 
         self._build_devices()
-        self.virtio_slots = [self._add_virtio_device(d) for d in cfg.virtio_devices]
+        devices = list(cfg.virtio_devices)
+        self.vsock_device = None
+        if cfg.vsock is not None:
+            from .vsock.device import VsockDevice
+            self.vsock_device = VsockDevice(cfg.vsock.guest_cid, uds_path=cfg.vsock.uds_path)
+            self._closers.append(self.vsock_device.close)
+            devices.insert(0, self.vsock_device)
+        self.virtio_slots = []
+        for device in devices:
+            self.virtio_slots.append(self._add_virtio_device(device))
 
         self.cmdline = self._make_cmdline()
         bootinfo.write_cmdline(self.memory, self.cmdline.as_bytes())
@@ -296,7 +314,7 @@ class Machine:
         interrupt through an irqfd, one ioeventfd per queue (no vCPU exit to
         Python on a queue notify).  The device's own I/O thread watches the
         eventfds (``device.event_loop.add_reader``)."""
-        index = len(getattr(self, "virtio_slots", []))
+        index = len(self.virtio_slots)
         base, irq = layout.mmio_device_base(index), layout.mmio_device_irq(index)
         transport = MmioTransport(device, self.memory, self._eventfd_irq(irq))
         self.mmio_bus.insert(base, layout.MMIO_DEVICE_SIZE, transport,
@@ -307,7 +325,7 @@ class Machine:
             self._closers.append(lambda fd=fd: os.close(fd))
             self.vm.register_ioeventfd(fd, base + MmioTransport.NOTIFY_OFFSET, 4, datamatch=q)
             queue_eventfds.append((q, fd))
-            device.event_loop.add_reader(fd, self._queue_kick(fd, transport, q))
+            device.add_reader(fd, self._queue_kick(fd, transport, q))
         self._closers.append(device.stop)
         return VirtioSlot(index, base, irq, device, transport, queue_eventfds)
 
@@ -320,6 +338,13 @@ class Machine:
                 return
             transport.queue_notify(q)
         return kick
+
+    @property
+    def vsock(self):
+        """The vsock device's Python API: ``connect(port)``, ``listen(port)``, ``counters()``."""
+        if self.vsock_device is None:
+            raise PyvmmError("this machine has no vsock device (MachineConfig.vsock)")
+        return self.vsock_device.api
 
     def _serial_writer(self, out: BinaryIO):
         def write(data: bytes) -> None:

@@ -7,6 +7,7 @@ if they all pass there.  Their output is shown when it fails; the summary at
 the end of the run repeats the lab's own pytest summary line and timings.
 """
 
+import json
 import os
 import re
 import sys
@@ -35,6 +36,8 @@ def test_e2e_tests_in_the_lab(request, capsys):
         pytest.fail(f"the lab cannot start, so {len(nodeids)} e2e tests cannot run: {why} "
                     "(set PYVMM_NO_LAB=1 to opt out explicitly)")
     top = Path(__file__).resolve().parents[1]
+    figures = top / ".pytest-figures.json"       # written by e2e tests inside the lab
+    figures.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs",
            "--rootdir", str(top), *nodeids]
     result = lab.run(cmd, timeout=LAB_TIMEOUT, cpus=LAB_CPUS, cwd=top)
@@ -46,6 +49,9 @@ def test_e2e_tests_in_the_lab(request, capsys):
              f"{t.get('qemu_to_init', 0):.1f} s, tests {t.get('cmd', 0):.1f} s, "
              f"total {t.get('total', 0):.1f} s")
     request.config.stash[LAB_SUMMARY] = where
+    if figures.exists():
+        for name, value in json.loads(figures.read_text()).items():
+            where += f"\n{'':>12}{name}: {value}"
     with capsys.disabled():
         print(f"\n[lab] {where}")
     assert result.status == 0, (f"e2e tests failed in the lab (status {result.status}"

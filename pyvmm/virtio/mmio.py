@@ -256,6 +256,20 @@ class MmioTransport:
     def interrupt_status(self) -> int:
         return self._interrupt_status
 
+    def snapshot(self) -> dict:
+        """The negotiated state as the driver left it: for metrics and tests."""
+        from .device import DeviceStatus
+        return {
+            "device_id": self.device.device_id,
+            "status": [f.name for f in DeviceStatus if f and self.status & f],
+            "driver_features": self.driver_features,
+            "activated": self.activated,
+            "notifies_before_driver_ok": self.notifies_before_driver_ok,
+            "guest_errors": self.errors.total(),
+            "queues": [regs.queue.snapshot() if regs.queue is not None else None
+                       for regs in self.queues],
+        }
+
     # -- the bus interface ------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
         if offset >= R.VIRTIO_MMIO_CONFIG:

@@ -497,6 +497,12 @@ class Queue:
             if self._on_broken is not None:
                 self._on_broken(reason)
 
+    def snapshot(self) -> dict:
+        """Counters of the rings as they stand now, for metrics and tests."""
+        return {"size": self.size, "avail_idx": int(self._avail_idx[0]),
+                "last_avail_idx": self.last_avail_idx, "used_idx": self.next_used_idx,
+                "in_flight": self.in_flight, "broken": self.broken}
+
     # -- the available ring -------------------------------------------------
     def has_available(self) -> bool:
         """True if the driver published entries the device has not popped."""

@@ -84,6 +84,7 @@ def test_no_kvm_or_no_permission(monkeypatch, capsys, elf, err, fragment):
     def no_kvm(*a, **k):
         raise KvmError("open /dev/kvm", err)
     monkeypatch.setattr("pyvmm.machine.Kvm", no_kvm)
+    monkeypatch.setattr(cli, "_setup_logging", lambda *a: None)   # leave pytest's logging alone
     assert cli.main(["-q", "run", "--kernel", elf]) == 2
     line = capsys.readouterr().err.strip()
     assert "\n" not in line and line.startswith("pyvmm: error: cannot use KVM") and fragment in line

@@ -1,0 +1,398 @@
+"""The virtio-vsock device (virtio 1.2 §5.10 "Socket Device"): virtqueue glue.
+
+This module owns the device as the transport and the machine see it: device
+ID 19, three virtqueues, the ``guest_cid`` config field, feature bits, the
+event queue, the device's I/O thread, and moving buffers between the
+virtqueues and the :class:`~pyvmm.vsock.muxer.VsockMuxer`.  It knows nothing
+about connections or sockets (Firecracker ``vsock/device.rs``).
+
+Contract with the machine
+-------------------------
+
+Construction and lifetime::
+
+    dev = VsockDevice(guest_cid, uds_path=None, *, clock=time.monotonic,
+                      max_connections=1023)
+        # guest_cid: 3 .. 2**32-2 (0, 1, 2, 2**32-1 reserved; upper 32 bits zero)
+        # uds_path: Firecracker-style host end, bound HERE (ConfigError if busy);
+        #   also binds uds_path + ".seqpacket"; guest->host goes to f"{uds_path}_{port}"
+    transport = MmioTransport(dev, memory, irq_trigger)   # as any virtio device
+    dev.add_reader(fd, callback)    # the ioeventfd of each queue, see below
+    dev.start()                     # starts thread "pyvmm-vsock" (the device thread)
+    ...
+    dev.stop()                      # stops and joins the thread (idempotent)
+    dev.close()                     # stop(), drop connections, unlink uds_path(s)
+
+ioeventfd: for each queue q (0 rx, 1 tx, 2 event) the machine registers
+KVM_IOEVENTFD (QueueNotify, datamatch q) on an eventfd ``efd_q`` and calls
+``dev.add_reader(efd_q, cb_q)`` where ``cb_q`` reads the eventfd (8 bytes,
+non-blocking) and calls ``transport.queue_notify(q)``.  The callback runs on
+the device thread, so ``queue_notify`` -> our :meth:`queue_notify` processes
+the queue right there.  (A QueueNotify that reaches the transport through an
+MMIO write instead runs on a vCPU thread; :meth:`queue_notify` then only hands
+the work to the device thread.)  ``add_reader`` may be called before or after
+``start()``, from any thread.
+
+irqfd: ``interrupt`` (given to :meth:`activate` by the transport) is called
+from the device thread, once per batch, only when
+``queue.needs_notification()`` says the driver wants it (VIRTIO_F_EVENT_IDX
+or VIRTQ_AVAIL_F_NO_INTERRUPT).
+
+Python API (``dev.api``, a :class:`~pyvmm.vsock.unix.VsockApi`, any thread):
+``connect(port, type=STREAM, timeout=5.0) -> socket.socket``,
+``connect_async(port, type) -> concurrent.futures.Future``,
+``listen(port, type=STREAM, backlog=16) -> VsockListener`` (``accept(timeout)
+-> (sock, (guest_cid, guest_port))``, ``close()``), ``counters() -> dict``,
+``transport_reset()``.  ``type`` is ``VirtioVsockType.VIRTIO_VSOCK_TYPE_STREAM``
+(1) or ``..._SEQPACKET`` (2).
+
+Metrics: ``dev.counters()`` returns a fresh dict: every name in
+:data:`~pyvmm.vsock.muxer.METRIC_NAMES` ("tx" = guest -> host, "rx" = host ->
+guest; packets, bytes, messages, connections added/removed/killed/timed out/
+refused, RSTs sent/received, credit violations, bad chains, ...), plus
+``connections`` (open now), ``guest_errors_by_reason`` and
+``host_errors_by_reason`` (the first of each reason is also logged).
+
+Threads, and why ``reset()`` cannot deadlock
+-----------------------------------------------
+
+All vsock state (queues, muxer, connections, sockets) belongs to the device
+thread; other threads hand it work with ``loop.call_soon_threadsafe``.  The
+transport calls :meth:`activate` and :meth:`reset` on a vCPU thread while
+holding its register lock, and §2.4 wants the device quiet when reset
+returns, so those two *wait* (bounded, :data:`RESET_WAIT`) for the device
+thread to run the job.  That is deadlock-free because the device thread
+never takes the transport's register lock: the only transport code it runs
+is ``transport.queue_notify`` (lock-free by design) and the ``interrupt`` /
+queue-broken callables, which take only the transport's small ISR lock, and
+the transport never holds that while calling the device.  The transport has
+already stopped the queues and bumped its epoch before ``reset()``, so even a
+job in flight finds empty queues and a no-op ``interrupt``.  Before
+``start()`` (and in unit tests) there is no device thread: every call runs
+inline on the caller's thread, which must then be the only one.
+
+Feature bits (§5.10.3)
+----------------------
+
+Offered: VIRTIO_F_VERSION_1 (virtio-mmio v2 requires it), VIRTIO_F_EVENT_IDX,
+VIRTIO_F_INDIRECT_DESC (the virtio core implements both), and
+VIRTIO_VSOCK_F_SEQPACKET.  Not offered: VIRTIO_VSOCK_F_STREAM and
+VIRTIO_VSOCK_F_NO_IMPLIED_STREAM.  Linux's driver knows only SEQPACKET and
+never acks bit 0 or 2; spec 1.2 says "if no feature bit is set, only stream
+socket type is supported. If VIRTIO_VSOCK_F_SEQPACKET has been negotiated,
+the device MAY act as if VIRTIO_VSOCK_F_STREAM has also been negotiated",
+and stream is exactly what every existing driver expects, so pyvmm always
+supports STREAM.  Offering F_STREAM would add nothing for Linux, and offering
+NO_IMPLIED_STREAM (a v1.3 bit whose point is letting a driver turn stream
+*off*) would let a newer driver negotiate away the only type all peers use.
+SEQPACKET packets are accepted only if F_SEQPACKET was acked (else RST).
+
+Queues (§5.10.2, config §5.10.4, events §5.10.6.7): 0 rx, 1 tx, 2 event; QueueSizeMax 256 each.  tx: every
+chain is parsed (header copied once, payload zero-copy, any number of
+descriptors), routed, and returned with used.len 0; malformed chains are
+counted, logged once per reason, and returned.  rx: each chain gets one
+packet (either rx layout, see :mod:`~pyvmm.vsock.packet`); a chain the muxer
+has nothing for right now is held (one at most) until it has.  tx keeps being
+processed while rx is full (§5.10.6.1): the muxer parks what it owes outside
+the queue.  event: :meth:`transport_reset` posts
+VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (``le32 id = 0``) and drops every
+connection, as Firecracker does at snapshot time.  A batch is bounded
+(:data:`BATCH`) so a guest that refills without pause cannot starve host
+sockets; the rest is rescheduled.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from typing import Callable
+
+from ..errors import ConfigError
+from ..memory import GuestMemory
+from ..virtio.device import (VIRTIO_ID_VSOCK, VIRTIO_MMIO_INT_VRING, VirtioDevice, VirtioFeature,
+                             feature_mask)
+from ..virtio.queue import GuestErrorLog, Queue
+from .eventloop import EventLoop
+from .muxer import MAX_CONNECTIONS, VsockMuxer, new_metrics
+from .packet import (VIRTIO_VSOCK_HDR_LEN, RxBuffer, VirtioVsockEventId, VirtioVsockFeature,
+                     VsockPacketError, parse_tx_chain)
+from .unix import UnixBackend, VsockApi
+
+__all__ = ["BATCH", "EVENTQ", "QUEUE_SIZE", "RESET_WAIT", "RXQ", "TXQ", "VsockDevice"]
+
+logger = logging.getLogger("pyvmm.vsock")
+
+RXQ, TXQ, EVENTQ = 0, 1, 2
+QUEUE_SIZE = 256
+#: chains handled per queue per turn before other work gets the thread
+BATCH = 256
+#: seconds activate()/reset() wait for the device thread before giving up
+RESET_WAIT = 5.0
+_CONFIG = struct.Struct("<Q")           # struct virtio_vsock_config { le64 guest_cid; }
+_EVENT = struct.Struct("<I")            # struct virtio_vsock_event { le32 id; }
+_F_SEQPACKET = 1 << VirtioVsockFeature.VIRTIO_VSOCK_F_SEQPACKET
+
+
+class VsockDevice(VirtioDevice):
+    """virtio-vsock: see the module docstring for the machine-facing contract."""
+
+    device_id = VIRTIO_ID_VSOCK
+    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
+    config_size = _CONFIG.size
+    device_features = feature_mask(VirtioFeature.VIRTIO_F_VERSION_1, VirtioFeature.VIRTIO_F_EVENT_IDX,
+                                   VirtioFeature.VIRTIO_F_INDIRECT_DESC,
+                                   VirtioVsockFeature.VIRTIO_VSOCK_F_SEQPACKET)
+
+    def __init__(self, guest_cid: int, uds_path: str | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
+        if not 3 <= guest_cid < 0xFFFF_FFFF:
+            raise ConfigError(f"vsock guest CID {guest_cid} is reserved or out of range (3 .. 2**32-2)")
+        self.guest_cid = guest_cid
+        self.loop = EventLoop(clock)
+        self.metrics = new_metrics()
+        self.errors = GuestErrorLog("virtio-vsock (guest)", logger)
+        self.host_errors = GuestErrorLog("virtio-vsock (host peers)", logger)
+        self.muxer = VsockMuxer(guest_cid=guest_cid, loop=self.loop, metrics=self.metrics,
+                                errors=self.errors, host_errors=self.host_errors,
+                                max_connections=max_connections)
+        self.muxer.on_rx_pending = self._schedule_rx
+        self.api = VsockApi(self)
+        self.unix = UnixBackend(uds_path, self.loop, self.muxer) if uds_path else None
+        self.muxer.services = [self.api] + ([self.unix] if self.unix else [])
+        if self.unix is not None:
+            self.unix.start()
+        self._thread: threading.Thread | None = None
+        self._memory: GuestMemory | None = None
+        self._queues: list[Queue] | None = None
+        self._interrupt: Callable[[int], None] | None = None
+        self._held_rx: RxBuffer | None = None
+        self._rx_scheduled = False
+        self._more_scheduled: set[int] = set()
+        self._events_owed = 0
+
+    # -- the device thread ---------------------------------------------------------
+    def start(self) -> None:
+        """Start the device thread (idempotent)."""
+        if self._thread is not None:
+            return
+        started = threading.Event()
+        self._thread = threading.Thread(target=self.loop.run_forever, args=(started,),
+                                        name="pyvmm-vsock", daemon=True)
+        self._thread.start()
+        started.wait()
+
+    def stop(self) -> None:
+        """Stop and join the device thread; later calls run inline (idempotent)."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self.loop.stop()
+        thread.join(RESET_WAIT)
+        if thread.is_alive():
+            logger.error("virtio-vsock: device thread did not stop within %s s", RESET_WAIT)
+            return
+        self.loop.run_once(0)           # jobs handed over while it was stopping
+
+    def close(self) -> None:
+        """Stop, drop every connection, close and unlink the Unix listeners."""
+        self.stop()
+        self.muxer.reset_all()
+        if self.unix is not None:
+            self.unix.stop()
+        self._forget_queues()
+        self.loop.close()
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Have the device thread call ``callback()`` when ``fd`` is readable
+        (the machine's ioeventfds).  Any thread, before or after start()."""
+        self._call(self.loop.add_reader, fd, callback, wait=True)
+
+    def remove_reader(self, fd: int) -> None:
+        self._call(self.loop.remove_reader, fd, wait=True)
+
+    def _call(self, fn: Callable, *args, wait: bool) -> None:
+        """Run ``fn(*args)`` on the device thread (inline if there is none or we are it)."""
+        loop = self.loop
+        if not loop.running or loop.in_loop_thread():
+            fn(*args)
+            return
+        if not wait:
+            loop.call_soon_threadsafe(fn, *args)
+            return
+        done = threading.Event()
+
+        def job() -> None:
+            try:
+                fn(*args)
+            finally:
+                done.set()
+        loop.call_soon_threadsafe(job)
+        if not done.wait(RESET_WAIT):
+            logger.error("virtio-vsock: device thread did not run %s within %s s",
+                         getattr(fn, "__name__", fn), RESET_WAIT)
+
+    # -- VirtioDevice ------------------------------------------------------------------
+    def read_config(self, offset: int, size: int) -> bytes:
+        """``struct virtio_vsock_config { le64 guest_cid; }``, any bytes of it."""
+        data = _CONFIG.pack(self.guest_cid)[offset:offset + size]
+        return data + bytes(size - len(data))
+
+    def activate(self, memory: GuestMemory, queues: list[Queue],
+                 interrupt: Callable[[int], None]) -> None:
+        self._call(self._do_activate, memory, queues, interrupt, wait=True)
+
+    def queue_notify(self, index: int) -> None:
+        self._call(self._process, index, wait=False)
+
+    def reset(self) -> None:
+        self._call(self._do_reset, wait=True)
+
+    def transport_reset(self) -> None:
+        """Post VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drop all connections (any thread)."""
+        self._call(self._do_transport_reset, wait=True)
+
+    def counters(self) -> dict:
+        out = dict(self.metrics)
+        out["connections"] = len(self.muxer.connections)
+        out["guest_errors_by_reason"] = dict(self.errors.counts)
+        out["host_errors_by_reason"] = dict(self.host_errors.counts)
+        return out
+
+    # -- on the device thread -------------------------------------------------------------
+    def _do_activate(self, memory: GuestMemory, queues: list[Queue],
+                     interrupt: Callable[[int], None]) -> None:
+        self._memory, self._queues, self._interrupt = memory, queues, interrupt
+        self.muxer.seqpacket = bool(self.acked_features & _F_SEQPACKET)
+        for index in (TXQ, RXQ, EVENTQ):
+            self._process(index)
+
+    def _do_reset(self) -> None:
+        self.muxer.reset_all()
+        self.muxer.seqpacket = False
+        self._forget_queues()
+        self._events_owed = 0
+        self.acked_features = 0
+
+    def _forget_queues(self) -> None:
+        self._memory = self._queues = self._interrupt = None
+        self._held_rx = None
+
+    def _do_transport_reset(self) -> None:
+        self.metrics["transport_resets"] += 1
+        self.muxer.reset_all()
+        if self._queues is not None:
+            self._events_owed = 1        # one event says it all; resets coalesce
+            self._process(EVENTQ)
+
+    def _process(self, index: int) -> None:
+        """Handle queue ``index`` (a kick, or a rescheduled batch), then interrupt if due."""
+        self._more_scheduled.discard(index)
+        if self._queues is None:
+            return
+        if index == TXQ:
+            self._process_tx()
+        elif index == EVENTQ:
+            self._process_event()
+        self._process_rx()              # tx work and kicks of rx both end here
+        self._notify_guest()
+
+    def _again(self, index: int) -> None:
+        if index not in self._more_scheduled:
+            self._more_scheduled.add(index)
+            self.loop.call_soon(self._process, index)
+
+    def _process_tx(self) -> None:
+        tx = self._queues[TXQ]
+        budget = BATCH
+        while True:
+            tx.disable_notification()
+            while (chain := tx.pop()) is not None:
+                self._handle_tx_chain(chain)
+                tx.add_used(chain.head, 0)
+                budget -= 1
+                if budget == 0:
+                    self._again(TXQ)     # notifications stay off: we come back anyway
+                    return
+            if not tx.enable_notification():
+                return
+
+    def _handle_tx_chain(self, chain) -> None:
+        if chain.writable:
+            self.errors.report("tx chain with device-writable descriptors (ignored)", repr(chain))
+        try:
+            pkt = parse_tx_chain(chain)
+        except VsockPacketError as e:
+            self.metrics["tx_bad_chains"] += 1
+            self.errors.report(e.reason, e.hdr.describe() if e.hdr else repr(chain))
+            if e.hdr is not None:
+                self.muxer.on_bad_guest_packet(e.hdr)
+            return
+        self.muxer.on_guest_packet(pkt)
+
+    def _schedule_rx(self) -> None:
+        """The muxer has a packet for the guest (called on the device thread)."""
+        if not self._rx_scheduled:
+            self._rx_scheduled = True
+            self.loop.call_soon(self._run_rx)
+
+    def _run_rx(self) -> None:
+        self._rx_scheduled = False
+        if self._queues is not None:
+            self._process_rx()
+            self._notify_guest()
+
+    def _process_rx(self) -> None:
+        rx = self._queues[RXQ]
+        budget = BATCH
+        while self.muxer.has_pending_rx():
+            buf, self._held_rx = self._held_rx, None
+            if buf is None:
+                chain = rx.pop()
+                if chain is None:
+                    if rx.enable_notification():
+                        continue            # buffers arrived while we looked
+                    return                  # the guest will kick rx when it refills
+                buf = RxBuffer(chain)
+                if not buf.usable:
+                    self.metrics["rx_bad_buffers"] += 1
+                    self.errors.report("rx buffer shorter than the 44-byte header", repr(chain))
+                    rx.add_used(buf.head, 0)
+                    continue
+            hdr = self.muxer.fill_rx(buf)
+            if hdr is None:
+                self._held_rx = buf         # nothing to say right now; keep the buffer
+                return
+            rx.add_used(buf.head, VIRTIO_VSOCK_HDR_LEN + hdr.len)
+            budget -= 1
+            if budget == 0:
+                self._again(RXQ)
+                return
+
+    def _process_event(self) -> None:
+        ev = self._queues[EVENTQ]
+        while self._events_owed:
+            chain = ev.pop()
+            if chain is None:
+                ev.enable_notification()    # posted when the guest adds a buffer
+                return
+            if chain.writable_len < _EVENT.size:
+                self.errors.report("event buffer shorter than 4 bytes", repr(chain))
+                ev.add_used(chain.head, 0)
+                continue
+            chain.write_writable(_EVENT.pack(VirtioVsockEventId.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+            ev.add_used(chain.head, _EVENT.size)
+            self._events_owed -= 1
+            self.metrics["events_sent"] += 1
+
+    def _notify_guest(self) -> None:
+        if self._queues is None:
+            return
+        need = False
+        for q in self._queues:          # every queue: each closes its own batch
+            need |= q.needs_notification()
+        if need:
+            self.metrics["interrupts"] += 1
+            self._interrupt(VIRTIO_MMIO_INT_VRING)

@@ -1,0 +1,378 @@
+"""The vsock muxer: routes packets between the guest and the host's connections.
+
+This module owns the connection table and everything that is not one
+connection's business (compare Firecracker ``unix/muxer.rs``):
+
+* routing each guest packet to its :class:`~pyvmm.vsock.connection.Connection`
+  by ``(local_port, peer_port)`` = ``(hdr.dst_port, hdr.src_port)``;
+* answering what has no connection (virtio 1.2 §5.10.6.4 and §5.10.6.5, Linux
+  ``virtio_transport_reset_no_sock``): a REQUEST nobody on the host serves, a
+  packet of a type other than STREAM / SEQPACKET (or SEQPACKET when
+  VIRTIO_VSOCK_F_SEQPACKET was not negotiated), a packet for an unknown
+  connection -> an RST.  An RST is never answered with an RST;
+* creating connections: a guest REQUEST asks each *host service* in turn
+  (the Python API's listeners, then the Unix backend's ``<uds_path>_<port>``)
+  for a host stream; a host-initiated connection gets a local port
+  round-robin from [2**30, 2**31) as Firecracker does;
+* the bounds: at most :data:`MAX_CONNECTIONS` (1023, Firecracker's
+  ``MAX_CONNECTIONS``) connections, a REQUEST beyond that gets an RST; at
+  most :data:`MAX_CONTROL_PACKETS` RSTs for packets without a connection
+  waiting for rx buffers (more are dropped and counted);
+* the rx side: which connection fills the next guest rx buffer (connections
+  that owe a packet take turns), and the I/O plumbing of each connection's
+  host socket (reader/writer interest, its expiry timer) on the event loop.
+
+Flow control (§5.10.6.1: "The tx virtqueue MUST be processed even when the rx
+virtqueue is full so long as there are additional resources available"): nothing a guest packet causes needs an rx buffer at
+once.  A connection records what it owes (a flag set, bounded by nature),
+the RSTs for unknown connections wait in the bounded control queue, and host
+data stays in the host socket until there is a buffer to read it into.  So
+tx processing never waits for rx.
+
+Guest packets whose addresses are wrong are dropped, not answered: a
+``src_cid`` other than the guest's own CID, or a ``dst_cid`` other than the
+host (VMADDR_CID_HOST = 2), as Firecracker does.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Protocol
+
+from ..virtio.queue import GuestErrorLog
+from .connection import Connection, HostStream
+from .eventloop import EventLoop, TimerHandle
+from .packet import (VMADDR_CID_HOST, RxBuffer, TxPacket, VirtioVsockOp, VirtioVsockType,
+                     VsockHeader)
+
+__all__ = [
+    "HOST_PORT_FIRST",
+    "HOST_PORT_LAST",
+    "HostService",
+    "MAX_CONNECTIONS",
+    "MAX_CONTROL_PACKETS",
+    "METRIC_NAMES",
+    "VsockMuxer",
+    "new_metrics",
+]
+
+Op = VirtioVsockOp
+STREAM = VirtioVsockType.VIRTIO_VSOCK_TYPE_STREAM
+SEQPACKET = VirtioVsockType.VIRTIO_VSOCK_TYPE_SEQPACKET
+
+#: Firecracker ``defs::MAX_CONNECTIONS``
+MAX_CONNECTIONS = 1023
+#: RSTs owed for packets without a connection (Firecracker's rxq holds 256)
+MAX_CONTROL_PACKETS = 256
+#: host-initiated connections get local ports from [2**30, 2**31) (Firecracker)
+HOST_PORT_FIRST = 1 << 30
+HOST_PORT_LAST = (1 << 31) - 1
+
+#: every counter the device exposes; "tx" is guest -> host (the tx virtqueue),
+#: "rx" host -> guest.  Packets count headers, bytes count payload.
+METRIC_NAMES = (
+    "tx_packets", "tx_bytes", "tx_messages", "tx_buffered_bytes", "tx_dropped_bytes",
+    "tx_bad_chains", "rx_packets", "rx_bytes", "rx_messages", "rx_bad_buffers",
+    "conns_added", "conns_removed", "conns_killed", "conns_timed_out", "conns_refused",
+    "host_connects", "guest_connects", "rst_sent", "rst_received", "control_dropped",
+    "credit_violations", "credit_requests_sent", "seq_eor_rx", "guest_errors", "host_errors",
+    "unix_accepted", "unix_handshake_errors", "events_sent", "transport_resets",
+    "interrupts",
+)
+
+
+def new_metrics() -> collections.Counter:
+    return collections.Counter({name: 0 for name in METRIC_NAMES})
+
+
+class HostService(Protocol):
+    """Something on the host that may accept guest connections to CID 2.
+
+    ``connect_guest`` returns a connected non-blocking :class:`HostStream`,
+    or None if nobody here serves ``port`` (the muxer asks the next service),
+    or raises ConnectionRefusedError (served, but refused: RST at once).
+    """
+
+    def connect_guest(self, port: int, vtype: int, peer: tuple[int, int]) -> HostStream | None: ...
+
+
+class VsockMuxer:
+    """The connection table, the routing, and the rx scheduling (see module doc)."""
+
+    def __init__(self, *, guest_cid: int, loop: EventLoop, metrics: collections.Counter | None = None,
+                 errors: GuestErrorLog | None = None, host_errors: GuestErrorLog | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_control: int = MAX_CONTROL_PACKETS) -> None:
+        self.guest_cid = guest_cid
+        self.loop = loop
+        self.metrics = metrics if metrics is not None else new_metrics()
+        self.errors = errors or GuestErrorLog("virtio-vsock (guest)")
+        self.host_errors = host_errors or GuestErrorLog("virtio-vsock (host peers)")
+        self.max_connections = max_connections
+        self.max_control = max_control
+        #: whether VIRTIO_VSOCK_F_SEQPACKET was negotiated (the device sets it)
+        self.seqpacket = False
+        #: asked in order for guest-initiated connections
+        self.services: list[HostService] = []
+        #: called (on the loop thread) when a packet for the guest appears
+        self.on_rx_pending: Callable[[], None] = lambda: None
+        self.connections: dict[tuple[int, int], Connection] = {}
+        self._control: collections.deque[VsockHeader] = collections.deque()
+        self._rxq: collections.deque[tuple[int, int]] = collections.deque()
+        self._in_rxq: set[tuple[int, int]] = set()
+        # per connection: (reading, writing, timer) as registered with the loop
+        self._io: dict[tuple[int, int], list] = {}
+        self._next_host_port = HOST_PORT_FIRST
+        self._host_ports: collections.Counter[int] = collections.Counter()
+
+    # -- guest -> host ------------------------------------------------------------
+    def on_guest_packet(self, pkt: TxPacket) -> None:
+        """Route one well-formed guest packet (from the tx virtqueue)."""
+        hdr = pkt.hdr
+        self.metrics["tx_packets"] += 1
+        if hdr.src_cid != self.guest_cid:
+            self._guest_error("guest packet with a src_cid other than its own (dropped)", hdr)
+            return
+        if hdr.dst_cid != VMADDR_CID_HOST:
+            self._guest_error("guest packet for a CID other than the host (dropped)", hdr)
+            return
+        key = (hdr.dst_port, hdr.src_port)
+        conn = self.connections.get(key)
+        if hdr.type not in (STREAM, SEQPACKET) or (hdr.type == SEQPACKET and not self.seqpacket):
+            self._guest_error("guest packet of an unknown or unnegotiated type", hdr)
+            if conn is not None:
+                conn.kill("guest packet of an unknown or unnegotiated type")
+                self._sync(conn)
+            else:
+                self._reply_rst(hdr)
+            return
+        if conn is None:
+            if hdr.op == Op.VIRTIO_VSOCK_OP_REQUEST:
+                self._guest_request(hdr)
+            elif hdr.op == Op.VIRTIO_VSOCK_OP_RST:
+                self.metrics["rst_received"] += 1       # never answer an RST with an RST
+            else:
+                self._guest_error("guest packet for an unknown connection", hdr)
+                self._reply_rst(hdr)
+            return
+        if hdr.type != conn.vtype:
+            self._guest_error("guest packet type differs from its connection's", hdr)
+            conn.kill("guest packet type differs from its connection's")
+        else:
+            conn.on_guest_packet(hdr, pkt.payload, self.loop.time())
+        self._sync(conn)
+
+    def on_bad_guest_packet(self, hdr: VsockHeader) -> None:
+        """A tx chain whose header was readable but whose length was wrong: the
+        bytes of that connection are lost, so reset it (or answer with an RST)."""
+        if hdr.src_cid != self.guest_cid or hdr.dst_cid != VMADDR_CID_HOST:
+            return
+        conn = self.connections.get((hdr.dst_port, hdr.src_port))
+        if conn is not None:
+            conn.kill("malformed guest packet")
+            self._sync(conn)
+        elif hdr.op != Op.VIRTIO_VSOCK_OP_RST:
+            self._reply_rst(hdr)
+
+    def _guest_error(self, reason: str, hdr: VsockHeader) -> None:
+        self.errors.report(reason, hdr.describe())
+        self.metrics["guest_errors"] += 1
+
+    def _reply_rst(self, hdr: VsockHeader) -> None:
+        """Queue an RST for a packet with no connection (echoes its type, as Linux does)."""
+        if hdr.op == Op.VIRTIO_VSOCK_OP_RST:
+            return
+        if len(self._control) >= self.max_control:
+            self.metrics["control_dropped"] += 1
+            self.errors.report("control queue full: RST dropped", hdr.describe())
+            return
+        self._control.append(VsockHeader(VMADDR_CID_HOST, self.guest_cid, hdr.dst_port, hdr.src_port,
+                                         0, hdr.type, Op.VIRTIO_VSOCK_OP_RST, 0, 0, 0))
+        self.on_rx_pending()
+
+    def _guest_request(self, hdr: VsockHeader) -> None:
+        if len(self.connections) >= self.max_connections:
+            self.errors.report("connection table full: REQUEST refused", hdr.describe())
+            self.metrics["conns_refused"] += 1
+            self._reply_rst(hdr)
+            return
+        stream = None
+        try:
+            for service in self.services:
+                stream = service.connect_guest(hdr.dst_port, hdr.type, (hdr.src_cid, hdr.src_port))
+                if stream is not None:
+                    break
+        except ConnectionRefusedError:
+            stream = None
+        if stream is None:
+            self.metrics["conns_refused"] += 1
+            self._reply_rst(hdr)
+            return
+        self.metrics["guest_connects"] += 1
+        conn = Connection.peer_init(hdr, stream, **self._conn_kw())
+        self._add(conn)
+
+    def _conn_kw(self) -> dict:
+        return dict(metrics=self.metrics, errors=self.errors, host_errors=self.host_errors)
+
+    # -- host -> guest connections ---------------------------------------------------
+    def connect_host(self, peer_port: int, vtype: int, stream: HostStream, *,
+                     preamble: Callable[[int], bytes] | None = None,
+                     on_connect: Callable[[bool], None] | None = None) -> Connection | None:
+        """Start a host-initiated connection to guest port ``peer_port``.
+
+        ``preamble(local_port)`` is written to ``stream`` when the guest
+        accepts (the Unix backend's ``OK <port>\\n``); ``on_connect(ok)`` is
+        called once with the outcome.  None if it cannot even start (table
+        full, SEQPACKET not negotiated, bad type); the caller closes ``stream``.
+        """
+        if vtype not in (STREAM, SEQPACKET) or (vtype == SEQPACKET and not self.seqpacket):
+            return None
+        if not 0 <= peer_port <= 0xFFFF_FFFF or len(self.connections) >= self.max_connections:
+            self.metrics["conns_refused"] += 1
+            return None
+        local_port = self._allocate_host_port()
+        conn = Connection.local_init(peer_cid=self.guest_cid, local_port=local_port,
+                                     peer_port=peer_port, vtype=vtype, stream=stream,
+                                     now=self.loop.time(),
+                                     preamble=preamble(local_port) if preamble else b"",
+                                     on_connect=on_connect, **self._conn_kw())
+        self.metrics["host_connects"] += 1
+        self._host_ports[local_port] += 1
+        self._add(conn)
+        return conn
+
+    def _allocate_host_port(self) -> int:
+        while True:
+            port = self._next_host_port
+            self._next_host_port = port + 1 if port < HOST_PORT_LAST else HOST_PORT_FIRST
+            if port not in self._host_ports:        # < 1023 in use: terminates quickly
+                return port
+
+    # -- the table ------------------------------------------------------------------
+    def _add(self, conn: Connection) -> None:
+        self.connections[conn.key] = conn
+        self._io[conn.key] = [False, False, None]
+        self.metrics["conns_added"] += 1
+        self._sync(conn)
+
+    def _remove(self, conn: Connection) -> None:
+        key = conn.key
+        if self.connections.get(key) is not conn:
+            return
+        del self.connections[key]
+        reading, writing, timer = self._io.pop(key)
+        if timer is not None:
+            timer.cancel()
+        self._in_rxq.discard(key)             # a stale key left in _rxq is skipped
+        if key[0] in self._host_ports:
+            self._host_ports[key[0]] -= 1
+            if self._host_ports[key[0]] <= 0:
+                del self._host_ports[key[0]]
+        fd = _fileno(conn.stream)
+        if fd >= 0 and (reading or writing):
+            self.loop.remove_fd(fd)
+        try:
+            conn.stream.close()
+        except OSError:
+            pass
+        self.metrics["conns_removed"] += 1
+
+    def _sync(self, conn: Connection) -> None:
+        """After any call into ``conn``: fd interest, timer, rx turn, or removal."""
+        if conn.done:
+            self._remove(conn)
+            return
+        key = conn.key
+        io = self._io[key]
+        fd = _fileno(conn.stream)
+        want_read, want_write = conn.want_read(), conn.want_write()
+        if fd >= 0:
+            if want_read != io[0]:
+                if want_read:
+                    self.loop.add_reader(fd, lambda: self._on_readable(key))
+                else:
+                    self.loop.remove_reader(fd)
+                io[0] = want_read
+            if want_write != io[1]:
+                if want_write:
+                    self.loop.add_writer(fd, lambda: self._on_writable(key))
+                else:
+                    self.loop.remove_writer(fd)
+                io[1] = want_write
+        timer: TimerHandle | None = io[2]
+        if conn.expiry is None:
+            if timer is not None:
+                timer.cancel()
+                io[2] = None
+        elif timer is None or timer.when != conn.expiry:
+            if timer is not None:
+                timer.cancel()
+            io[2] = self.loop.call_at(conn.expiry, self._on_timer, key)
+        if conn.has_pending_rx() and key not in self._in_rxq:
+            self._in_rxq.add(key)
+            self._rxq.append(key)
+            self.on_rx_pending()
+
+    def _on_readable(self, key: tuple[int, int]) -> None:
+        conn = self.connections.get(key)
+        if conn is not None:
+            conn.on_host_readable()
+            self._sync(conn)
+
+    def _on_writable(self, key: tuple[int, int]) -> None:
+        conn = self.connections.get(key)
+        if conn is not None:
+            conn.on_host_writable(self.loop.time())
+            self._sync(conn)
+
+    def _on_timer(self, key: tuple[int, int]) -> None:
+        conn = self.connections.get(key)
+        if conn is not None:
+            self._io[key][2] = None
+            conn.on_timeout(self.loop.time())
+            self._sync(conn)
+
+    # -- host -> guest: filling rx buffers ---------------------------------------------
+    def has_pending_rx(self) -> bool:
+        return bool(self._control or self._in_rxq)
+
+    def fill_rx(self, rx: RxBuffer) -> VsockHeader | None:
+        """Write the next packet owed to the guest into ``rx``; its header, or None."""
+        if self._control:
+            hdr = self._control.popleft()
+            rx.write_header(hdr)
+            self.metrics["rx_packets"] += 1
+            self.metrics["rst_sent"] += 1
+            return hdr
+        now = self.loop.time()
+        for _ in range(len(self._rxq)):
+            key = self._rxq.popleft()
+            if key not in self._in_rxq:
+                continue                        # removed meanwhile
+            self._in_rxq.discard(key)
+            conn = self.connections[key]
+            hdr = conn.fill_rx(rx, now)
+            self._sync(conn)                    # back in line if it owes more
+            if hdr is not None:
+                return hdr
+        return None
+
+    # -- resets ---------------------------------------------------------------------
+    def reset_all(self) -> None:
+        """Forget every connection without telling the guest (device reset or
+        TRANSPORT_RESET: the guest drops its connections on its own)."""
+        for conn in list(self.connections.values()):
+            conn.abort()
+            self._remove(conn)
+        self._control.clear()
+        self._rxq.clear()
+        self._in_rxq.clear()
+
+
+def _fileno(stream) -> int:
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return -1
+

@@ -1,0 +1,486 @@
+"""The host end of pyvmm's vsock: Unix sockets, and a Python API.
+
+This module owns how host programs reach the guest's vsock (and the guest
+reaches them).  There is no host AF_VSOCK anywhere: every host end is an
+AF_UNIX socket.
+
+:class:`SocketStream` -- a non-blocking AF_UNIX socket as the
+:class:`~pyvmm.vsock.connection.HostStream` a connection moves bytes
+through: ``recvmsg_into`` straight into guest rx buffers, ``sendmsg`` straight
+from guest tx buffers (scatter/gather, no copy).
+
+:class:`UnixBackend` -- Firecracker's convention (``docs/vsock.md``,
+``unix/muxer.rs``), so existing tooling (``socat``, Firecracker's test
+helpers) works unchanged:
+
+* Host -> guest: connect to ``uds_path`` (SOCK_STREAM) and write
+  ``CONNECT <port>\\n``.  "connect" is matched case-insensitively, words are
+  split on whitespace, the port is a u32 in decimal (optional ``+``, as
+  Rust's ``u32::from_str``), further words are ignored -- all as Firecracker
+  parses it.  The line, newline included, must arrive within
+  :data:`CONNECT_LINE_MAX` (32) bytes and :data:`CONNECT_TIMEOUT` seconds;
+  anything else closes the socket and counts ``unix_handshake_errors``.
+  Once the guest accepts (RESPONSE) we write ``OK <host_port>\\n`` (host
+  ports round-robin from [2**30, 2**31)); if it refuses (RST) or does not
+  answer, the socket is closed.  Bytes after the newline are payload: they
+  are never read during the handshake (the line is consumed exactly, found
+  with MSG_PEEK), so they stay in the socket for the connection.
+* Guest -> host: a guest REQUEST to CID 2 port P connects (non-blocking) to
+  ``<uds_path>_<P>``; nothing there, refused, backlog full, or the wrong
+  socket type -> RST to the guest.
+
+SEQPACKET (VIRTIO_VSOCK_F_SEQPACKET; Firecracker has none) maps onto
+SOCK_SEQPACKET Unix sockets, which keep record boundaries the way vsock
+SEQPACKET keeps messages:
+
+* Host -> guest: a *second* listener, ``<uds_path>.seqpacket``, speaking the
+  same protocol, where ``CONNECT <port>\\n`` is the first record and
+  ``OK <host_port>\\n`` our first record.  A second path is needed because a
+  listening socket has one type: SOCK_STREAM clients cannot connect to a
+  SOCK_SEQPACKET listener or vice versa, and the type cannot be negotiated
+  in-band before the connection exists.  ``.seqpacket`` (not ``_...``) keeps
+  it out of the ``<uds_path>_<port>`` namespace.
+* Guest -> host: ``<uds_path>_<P>`` is connected with SOCK_SEQPACKET.  A host
+  program serves both types on one port with two listeners only if it
+  wants to; connecting SOCK_SEQPACKET to a SOCK_STREAM listener fails
+  (EPROTOTYPE) and the guest gets an RST, as Linux does for a type mismatch.
+
+:class:`VsockApi` -- the Python API the machine exposes (``device.api``):
+``connect(port, type) -> socket`` (host-initiated: one end of a socketpair
+whose other end the muxer serves, returned after the guest's RESPONSE;
+ConnectionRefusedError on RST), ``listen(port, type) -> VsockListener``
+(guest-initiated connections to CID 2 port P are delivered to
+``listener.accept()`` instead of a Unix path; the Python listeners are asked
+before ``<uds_path>_<P>``), ``counters()``.  Every method may be called from
+any thread; work is handed to the device's event loop.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import queue
+import re
+import select
+import socket
+import stat
+import threading
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+from .connection import CONN_REQUEST_TIMEOUT, HostStream
+from .eventloop import EventLoop
+from .muxer import VsockMuxer
+from .packet import VirtioVsockType
+
+if TYPE_CHECKING:
+    from .device import VsockDevice
+
+__all__ = [
+    "CONNECT_LINE_MAX",
+    "CONNECT_TIMEOUT",
+    "MAX_HANDSHAKES",
+    "SEQPACKET_SUFFIX",
+    "SocketStream",
+    "UnixBackend",
+    "VsockApi",
+    "VsockListener",
+    "parse_connect_line",
+]
+
+logger = logging.getLogger("pyvmm.vsock")
+
+STREAM = VirtioVsockType.VIRTIO_VSOCK_TYPE_STREAM
+SEQPACKET = VirtioVsockType.VIRTIO_VSOCK_TYPE_SEQPACKET
+_SOCK_TYPE = {STREAM: socket.SOCK_STREAM, SEQPACKET: socket.SOCK_SEQPACKET}
+
+#: the longest CONNECT line, newline included (Firecracker reads at most 32 bytes)
+CONNECT_LINE_MAX = 32
+#: seconds a host peer has to finish its CONNECT line
+CONNECT_TIMEOUT = 2.0
+#: Unix connections allowed to be in the CONNECT handshake at once
+MAX_HANDSHAKES = 64
+#: accepted per listener wake-up (the rest wait for the next loop iteration)
+_ACCEPT_BATCH = 16
+#: the SOCK_SEQPACKET listener is ``uds_path + SEQPACKET_SUFFIX``
+SEQPACKET_SUFFIX = ".seqpacket"
+_PORT = re.compile(r"\+?[0-9]+")
+
+
+def parse_connect_line(line: bytes) -> int | None:
+    """The port of a ``CONNECT <port>\\n`` line, or None (Firecracker's rules)."""
+    try:
+        words = line.decode("utf-8").split()
+    except UnicodeDecodeError:
+        return None
+    if len(words) < 2 or words[0].lower() != "connect" or not _PORT.fullmatch(words[1]):
+        return None
+    port = int(words[1])
+    return port if port <= 0xFFFF_FFFF else None
+
+
+class SocketStream:
+    """A connected AF_UNIX socket as a HostStream (non-blocking, zero-copy I/O)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.seqpacket = sock.type == socket.SOCK_SEQPACKET
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def recv_into_views(self, views: list[memoryview]) -> int:
+        return self.sock.recvmsg_into(views)[0]
+
+    def recv_message(self, buf: memoryview) -> int | None:
+        size = self.sock.recv_into(buf, 0, socket.MSG_TRUNC)   # the record's full length
+        if size == 0 and self._poll() & (select.POLLRDHUP | select.POLLHUP):
+            return None                 # end of file, not an empty record
+        return size
+
+    def send_views(self, views: list) -> int:
+        return self.sock.sendmsg(views, (), socket.MSG_NOSIGNAL)
+
+    def shutdown_write(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def hung_up(self) -> bool:
+        return bool(self._poll() & select.POLLHUP)
+
+    def _poll(self) -> int:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | select.POLLRDHUP)
+        return sum(ev for _, ev in poller.poll(0))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _HandshakeError(Exception):
+    """A host peer broke the CONNECT protocol (the message is the fixed reason)."""
+
+
+class _Handshake:
+    """A Unix connection that has not finished its CONNECT line yet."""
+
+    def __init__(self, sock: socket.socket, vtype: int) -> None:
+        self.sock = sock
+        self.vtype = vtype
+        self.line = bytearray()
+        self.timer = None
+
+
+def _bind_listener(path: str, kind: int) -> socket.socket:
+    """A listening AF_UNIX socket at ``path``; a stale socket file is replaced,
+    one somebody still listens on (or a non-socket file) is a ConfigError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"vsock uds path {path!r} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, kind)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)             # nobody listens: left over from a dead VMM
+        else:
+            raise ConfigError(f"vsock uds path {path!r} is in use by another listener")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on vsock uds path {path!r}: {e}") from e
+    return sock
+
+
+class UnixBackend:
+    """Firecracker's Unix-socket host end (see the module docstring)."""
+
+    def __init__(self, uds_path: str, loop: EventLoop, muxer: VsockMuxer, *,
+                 connect_timeout: float = CONNECT_TIMEOUT,
+                 max_handshakes: int = MAX_HANDSHAKES) -> None:
+        self.uds_path = uds_path
+        self.seqpacket_path = uds_path + SEQPACKET_SUFFIX
+        self.loop = loop
+        self.muxer = muxer
+        self.metrics = muxer.metrics
+        self.host_errors = muxer.host_errors
+        self.connect_timeout = connect_timeout
+        self.max_handshakes = max_handshakes
+        self._listeners: list[tuple[socket.socket, str]] = []
+        self._handshakes: dict[int, _Handshake] = {}
+
+    # -- lifetime (loop thread, or before the loop runs) -------------------------------
+    def start(self) -> None:
+        """Bind ``uds_path`` and ``uds_path.seqpacket`` and start accepting."""
+        for path, vtype in ((self.uds_path, STREAM), (self.seqpacket_path, SEQPACKET)):
+            sock = _bind_listener(path, _SOCK_TYPE[vtype])
+            self._listeners.append((sock, path))
+            self.loop.add_reader(sock.fileno(), lambda s=sock, t=vtype: self._on_accept(s, t))
+
+    def stop(self) -> None:
+        for sock, path in self._listeners:
+            self.loop.remove_fd(sock.fileno())
+            sock.close()
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self._listeners.clear()
+        for hs in list(self._handshakes.values()):
+            self._drop(hs)
+
+    # -- host -> guest: the CONNECT handshake --------------------------------------------
+    def _on_accept(self, listener: socket.socket, vtype: int) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:       # e.g. EMFILE: try again on the next wake-up
+                self.host_errors.report("accept on the vsock uds listener failed", str(e))
+                return
+            self.metrics["unix_accepted"] += 1
+            if len(self._handshakes) >= self.max_handshakes:
+                self._fail_sock(sock, "too many Unix connections in the CONNECT handshake")
+                continue
+            sock.setblocking(False)
+            hs = _Handshake(sock, vtype)
+            self._handshakes[sock.fileno()] = hs
+            hs.timer = self.loop.call_later(self.connect_timeout, self._fail, hs,
+                                            "CONNECT line not finished in time")
+            self.loop.add_reader(sock.fileno(), lambda h=hs: self._on_handshake_readable(h))
+
+    def _on_handshake_readable(self, hs: _Handshake) -> None:
+        try:
+            line = self._read_line(hs)
+        except (BlockingIOError, InterruptedError):
+            return
+        except _HandshakeError as e:
+            self._fail(hs, str(e))
+            return
+        except OSError as e:
+            self._fail(hs, "Unix connection failed during the CONNECT handshake", str(e))
+            return
+        if line is None:
+            return                      # not finished yet
+        port = parse_connect_line(line)
+        if port is None:
+            self._fail(hs, "not a CONNECT <port> line", repr(bytes(line)))
+            return
+        self._drop(hs, close=False)
+        stream = SocketStream(hs.sock)
+        conn = self.muxer.connect_host(port, hs.vtype, stream,
+                                       preamble=lambda local_port: f"OK {local_port}\n".encode())
+        if conn is None:
+            self._fail_sock(hs.sock, "host connection refused (table full or type not negotiated)")
+
+    def _read_line(self, hs: _Handshake) -> bytes | None:
+        """The complete CONNECT line, None if more must come; raises on failure."""
+        room = CONNECT_LINE_MAX - len(hs.line)
+        if hs.vtype == SEQPACKET:
+            buf = bytearray(CONNECT_LINE_MAX)
+            size = hs.sock.recv_into(buf, 0, socket.MSG_TRUNC)
+            if size > CONNECT_LINE_MAX:
+                raise _HandshakeError("CONNECT line longer than 32 bytes")
+            if size == 0 or buf[size - 1] != ord("\n"):
+                raise _HandshakeError("CONNECT record is empty or does not end in a newline")
+            return bytes(buf[:size])
+        peeked = hs.sock.recv(room, socket.MSG_PEEK)
+        if not peeked:
+            raise _HandshakeError("Unix peer closed before finishing its CONNECT line")
+        end = peeked.find(b"\n")
+        take = end + 1 if end >= 0 else len(peeked)
+        hs.line += hs.sock.recv(take)   # exactly what we peeked: payload stays in the socket
+        if end >= 0:
+            return bytes(hs.line)
+        if len(hs.line) >= CONNECT_LINE_MAX:
+            raise _HandshakeError("CONNECT line longer than 32 bytes")
+        return None
+
+    def _fail(self, hs: _Handshake, reason: str, detail: str = "") -> None:
+        self._drop(hs, close=False)
+        self._fail_sock(hs.sock, reason, detail)
+
+    def _fail_sock(self, sock: socket.socket, reason: str, detail: str = "") -> None:
+        self.metrics["unix_handshake_errors"] += 1
+        self.host_errors.report(reason, detail)
+        sock.close()
+
+    def _drop(self, hs: _Handshake, close: bool = True) -> None:
+        fd = hs.sock.fileno()
+        if self._handshakes.get(fd) is hs:
+            del self._handshakes[fd]
+            self.loop.remove_fd(fd)
+        if hs.timer is not None:
+            hs.timer.cancel()
+        if close:
+            hs.sock.close()
+
+    # -- guest -> host: <uds_path>_<port> ---------------------------------------------
+    def connect_guest(self, port: int, vtype: int, peer: tuple[int, int]) -> HostStream | None:
+        path = f"{self.uds_path}_{port}"
+        sock = socket.socket(socket.AF_UNIX, _SOCK_TYPE[vtype] | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)         # AF_UNIX: completes at once, or EAGAIN if the backlog is full
+        except OSError as e:
+            sock.close()
+            if not isinstance(e, FileNotFoundError):
+                self.host_errors.report("connect to <uds_path>_<port> failed", f"{path}: {e}")
+            return None
+        return SocketStream(sock)
+
+
+# --- the Python API ---------------------------------------------------------------------
+
+class VsockListener:
+    """Guest connections to CID 2 ``port``, delivered in Python (``VsockApi.listen``).
+
+    ``accept(timeout)`` returns ``(socket, (guest_cid, guest_port))``: a
+    blocking AF_UNIX socket (SOCK_STREAM or SOCK_SEQPACKET) connected to the
+    guest's socket.  At most ``backlog`` connections wait for accept(); a
+    guest REQUEST beyond that gets an RST.
+    """
+
+    def __init__(self, api: VsockApi, port: int, vtype: int, backlog: int) -> None:
+        self.api = api
+        self.port = port
+        self.type = vtype
+        self._queue: queue.Queue = queue.Queue(maxsize=backlog)
+        self.closed = False
+
+    def accept(self, timeout: float | None = None) -> tuple[socket.socket, tuple[int, int]]:
+        """The next guest connection; TimeoutError after ``timeout`` seconds."""
+        if self.closed:
+            raise OSError("vsock listener is closed")
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no guest connection to port {self.port} within {timeout} s") from None
+
+    def _offer(self, sock: socket.socket, peer: tuple[int, int]) -> bool:
+        if self.closed:
+            return False
+        try:
+            self._queue.put_nowait((sock, peer))
+            return True
+        except queue.Full:
+            return False
+
+    def close(self) -> None:
+        self.closed = True
+        self.api._unlisten(self)
+        while True:
+            try:
+                sock, _ = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            sock.close()
+
+    def __enter__(self) -> VsockListener:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class VsockApi:
+    """The Python face of the device (see the module docstring); thread-safe."""
+
+    def __init__(self, device: VsockDevice) -> None:
+        self._device = device
+        self._listeners: dict[int, VsockListener] = {}
+        self._lock = threading.Lock()
+
+    # -- host -> guest ----------------------------------------------------------------
+    def connect_async(self, port: int, type: int = STREAM) -> concurrent.futures.Future:
+        """Start connecting to guest ``port``; the Future gives the socket, or
+        raises ConnectionRefusedError (guest RST, no answer in time, no room)."""
+        vtype = VirtioVsockType(type)
+        if not 0 <= port <= 0xFFFF_FFFF:
+            raise ValueError(f"vsock port {port} is not a u32")
+        user, ours = socket.socketpair(socket.AF_UNIX, _SOCK_TYPE[vtype])
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def on_connect(ok: bool) -> None:
+            if ok and fut.set_running_or_notify_cancel():
+                fut.set_result(user)
+                return
+            user.close()
+            if not fut.done() and fut.set_running_or_notify_cancel():
+                fut.set_exception(ConnectionRefusedError(f"guest refused vsock port {port}"))
+
+        def start() -> None:
+            conn = self._device.muxer.connect_host(port, vtype, SocketStream(ours), on_connect=on_connect)
+            if conn is None:
+                ours.close()
+                on_connect(False)
+
+        self._device.loop.call_soon_threadsafe(start)
+        return fut
+
+    def connect(self, port: int, type: int = STREAM,
+                timeout: float = CONN_REQUEST_TIMEOUT + 3.0) -> socket.socket:
+        """Connect to guest ``port`` and return the connected (blocking) socket.
+
+        Needs the device thread (``device.start()``).  Raises
+        ConnectionRefusedError if the guest answers RST or not at all.
+        """
+        loop = self._device.loop
+        if not loop.running or loop.in_loop_thread():
+            raise RuntimeError("VsockApi.connect needs the device thread and must not run on it; "
+                               "use connect_async() and drive the loop instead")
+        fut = self.connect_async(port, type)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if not fut.cancel():    # resolved meanwhile, or running: close a late socket
+                fut.add_done_callback(lambda f: f.exception() is None and f.result().close())
+            raise TimeoutError(f"vsock connect to guest port {port} timed out") from None
+
+    # -- guest -> host ------------------------------------------------------------------
+    def listen(self, port: int, type: int = STREAM, backlog: int = 16) -> VsockListener:
+        """Serve guest connections to CID 2 ``port`` in Python."""
+        vtype = VirtioVsockType(type)
+        if not 0 <= port <= 0xFFFF_FFFF or backlog < 1:
+            raise ValueError("vsock port must be a u32 and backlog >= 1")
+        with self._lock:
+            if port in self._listeners:
+                raise OSError(f"vsock port {port} already has a Python listener")
+            listener = self._listeners[port] = VsockListener(self, port, vtype, backlog)
+        return listener
+
+    def _unlisten(self, listener: VsockListener) -> None:
+        with self._lock:
+            if self._listeners.get(listener.port) is listener:
+                del self._listeners[listener.port]
+
+    def connect_guest(self, port: int, vtype: int, peer: tuple[int, int]) -> HostStream | None:
+        """HostService: a guest REQUEST to ``port`` (loop thread)."""
+        with self._lock:
+            listener = self._listeners.get(port)
+        if listener is None or listener.type != vtype:
+            return None
+        user, ours = socket.socketpair(socket.AF_UNIX, _SOCK_TYPE[vtype])
+        if not listener._offer(user, peer):
+            user.close()
+            ours.close()
+            raise ConnectionRefusedError("Python listener backlog full")
+        return SocketStream(ours)
+
+    # -- observing ----------------------------------------------------------------------
+    def counters(self) -> dict:
+        """A snapshot of the device's counters (see ``device.counters()``)."""
+        return self._device.counters()
+
+    def transport_reset(self) -> None:
+        """Post VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drop every connection."""
+        self._device.transport_reset()

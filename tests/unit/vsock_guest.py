@@ -1,0 +1,260 @@
+"""Test helpers for pyvmm.vsock: a Linux-like guest driver and a fake clock.
+
+:class:`Guest` builds a :class:`~pyvmm.vsock.VsockDevice` behind a real
+:class:`~pyvmm.virtio.mmio.MmioTransport`, probes it with
+:class:`~pyvmm.virtio.mock.MockDriver` as Linux 6.1 does (features, three
+queues, ``guest_cid`` read as two 32-bit halves, DRIVER_OK, rx filled, 8
+event buffers of 4 bytes), and then plays the guest's vsock driver by hand:
+``send()`` puts a packet on tx and kicks, ``recv()`` collects rx packets (and
+checks used.len = 44 + len) and refills.  No device thread: ``pump()`` runs
+the device's event loop on the test thread until nothing more happens.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+from pyvmm.memory import GuestMemory
+from pyvmm.virtio.mmio import MmioTransport
+from pyvmm.virtio.mock import MockDriver
+from pyvmm.vsock import VsockDevice
+from pyvmm.vsock.packet import (HDR, VIRTIO_VSOCK_HDR_LEN, VirtioVsockOp, VirtioVsockType,
+                                VsockHeader)
+
+Op = VirtioVsockOp
+STREAM = VirtioVsockType.VIRTIO_VSOCK_TYPE_STREAM
+SEQPACKET = VirtioVsockType.VIRTIO_VSOCK_TYPE_SEQPACKET
+GUEST_CID = 3
+HOST_CID = 2
+GUEST_BUF = 256 * 1024          # Linux VSOCK_DEFAULT_BUFFER_SIZE
+
+
+class FakeClock:
+    """An injectable monotonic clock that moves only when told."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def hdr(op: int, src_port: int, dst_port: int, *, type: int = STREAM, length: int = 0, flags: int = 0,
+        buf_alloc: int = GUEST_BUF, fwd_cnt: int = 0, src_cid: int = GUEST_CID,
+        dst_cid: int = HOST_CID) -> bytes:
+    return HDR.pack(src_cid, dst_cid, src_port, dst_port, length, type, op, flags, buf_alloc, fwd_cnt)
+
+
+class Guest:
+    """One guest with a probed vsock device (see the module docstring)."""
+
+    def __init__(self, uds_path: str | None = None, *, cid: int = GUEST_CID, rx_buffers: int = 64,
+                 rx_layout: str = "split", rx_payload: int = 4096, features: int | None = None,
+                 mem_mib: int = 64, **dev_kw) -> None:
+        self.clock = FakeClock()
+        self.memory = GuestMemory(mem_mib << 20)
+        self.dev = VsockDevice(cid, uds_path, clock=self.clock, **dev_kw)
+        self.irqs = 0
+        self.irq_event = threading.Event()
+        self.transport = MmioTransport(self.dev, self.memory, self._irq)
+        self.drv = MockDriver(self.memory, self.transport)
+        self.rx_layout = rx_layout
+        self.rx_payload = rx_payload
+        if not self.drv.negotiate(features) or not self.drv.setup_queues(3):
+            raise AssertionError("vsock probe failed")
+        self.cid_read = struct.unpack("<Q", self.drv.read_config(0, 8))[0]
+        self.drv.driver_ok()
+        self.rxq, self.txq, self.evq = self.drv.queues
+        for _ in range(rx_buffers):
+            self.add_rx()
+        self.rxq.kick(force=True)
+        for _ in range(8):
+            self.evq.add_chain(writable=[4])
+        self.evq.kick(force=True)
+        self.pending: list[tuple[VsockHeader, bytes]] = []
+
+    def _irq(self) -> None:
+        self.irqs += 1
+        self.irq_event.set()
+
+    def wait_packets(self, timeout: float = 5.0) -> list[tuple[VsockHeader, bytes]]:
+        """With the device thread running: the next rx packets, waiting for
+        the device's interrupt (not polling); AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.irq_event.clear()
+            packets = self.recv()
+            if packets:
+                return packets
+            if not self.irq_event.wait(max(0.0, deadline - time.monotonic())):
+                raise AssertionError("no rx packet from the device in time")
+
+    # -- rx -------------------------------------------------------------------------
+    def add_rx(self, layout: str | None = None, payload: int | None = None) -> int:
+        layout = layout or self.rx_layout
+        payload = self.rx_payload if payload is None else payload
+        if layout == "split":           # Linux <= 6.1: header descriptor + payload descriptor
+            return self.rxq.add_chain(writable=[VIRTIO_VSOCK_HDR_LEN, payload])
+        if layout == "single":          # Linux 6.2+: one descriptor
+            return self.rxq.add_chain(writable=[VIRTIO_VSOCK_HDR_LEN + payload])
+        if layout == "scattered":       # header itself split, payload in pieces
+            return self.rxq.add_chain(writable=[20, 24 + payload // 2, payload - payload // 2])
+        raise ValueError(layout)
+
+    def recv(self, refill: bool = True) -> list[tuple[VsockHeader, bytes]]:
+        """Every rx packet the device completed since the last call (checked)."""
+        out = []
+        for used in self.rxq.used():
+            if used.len < VIRTIO_VSOCK_HDR_LEN:
+                raise AssertionError(f"rx used.len {used.len} < 44")
+            h = VsockHeader.unpack(used.data)
+            if used.len != VIRTIO_VSOCK_HDR_LEN + h.len:
+                raise AssertionError(f"used.len {used.len} != 44 + hdr.len {h.len}")
+            out.append((h, used.data[VIRTIO_VSOCK_HDR_LEN:used.len]))
+            if refill:
+                self.add_rx()
+        if out and refill:
+            self.rxq.kick()
+        return out
+
+    def take(self) -> list[tuple[VsockHeader, bytes]]:
+        """pump() then recv()."""
+        self.pump()
+        return self.recv()
+
+    # -- tx ---------------------------------------------------------------------------
+    def send(self, op: int, src_port: int, dst_port: int, payload: bytes = b"", *,
+             parts: list[bytes] | None = None, kick: bool = True, indirect: bool = False,
+             **kw) -> None:
+        """Put one packet on tx (header descriptor + payload descriptor, as Linux)."""
+        kw.setdefault("length", len(payload))
+        raw = hdr(op, src_port, dst_port, **kw)
+        if parts is None:
+            parts = [raw, payload] if payload else [raw]
+        self.txq.add_chain(readable=parts, indirect=indirect)
+        if kick:
+            self.txq.kick(force=True)
+
+    def send_raw(self, parts: list[bytes]) -> None:
+        self.txq.add_chain(readable=parts)
+        self.txq.kick(force=True)
+
+    def tx_done(self) -> list:
+        return self.txq.used()
+
+    # -- events -----------------------------------------------------------------------
+    def events(self) -> list[int]:
+        return [struct.unpack("<I", u.data)[0] for u in self.evq.used()]
+
+    # -- time and the loop -----------------------------------------------------------
+    def pump(self, rounds: int = 200) -> None:
+        """Run the device loop on this thread until nothing is left to do."""
+        for _ in range(rounds):
+            if self.dev.loop.run_once(0) == 0:
+                return
+
+    def advance(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        self.pump()
+
+    def close(self) -> None:
+        self.dev.close()
+
+
+# --- fakes for connection-level tests ----------------------------------------------------
+
+class FakeChain:
+    """Just what packet.py reads of a DescriptorChain: views of some buffers."""
+
+    def __init__(self, readable=(), writable=()):
+        self.head = 7
+        self._r = [bytearray(b) for b in readable]
+        self._w = [bytearray(n) for n in writable]
+        self.readable_len = sum(map(len, self._r))
+        self.writable_len = sum(map(len, self._w))
+        self.writable = self._w
+
+    def readable_views(self):
+        return [memoryview(b) for b in self._r]
+
+    def writable_views(self):
+        return [memoryview(b) for b in self._w]
+
+    def written(self, n):
+        return b"".join(self._w)[:n]
+
+
+class FakeStream:
+    """A scripted host end: ``inbox``/``messages`` feed the guest, ``out``/
+    ``records`` collect what the connection wrote, ``room`` is how many more
+    bytes the host accepts before a write would block."""
+
+    def __init__(self, seqpacket: bool = False, room: int = 1 << 30) -> None:
+        self.seqpacket = seqpacket
+        self.inbox = bytearray()
+        self.messages: list[bytes] = []
+        self.eof = self.hup = False
+        self.out = bytearray()
+        self.records: list[bytes] = []
+        self.room = room
+        self.fail: OSError | None = None
+        self.shut_wr = self.closed = False
+
+    def fileno(self) -> int:
+        return -1
+
+    def recv_into_views(self, views):
+        if self.fail:
+            raise self.fail
+        if not self.inbox:
+            if self.eof:
+                return 0
+            raise BlockingIOError
+        done = 0
+        for v in views:
+            n = min(len(v), len(self.inbox) - done)
+            v[:n] = self.inbox[done:done + n]
+            done += n
+        del self.inbox[:done]
+        return done
+
+    def recv_message(self, buf):
+        if not self.messages:
+            if self.eof:
+                return None
+            raise BlockingIOError
+        m = self.messages.pop(0)
+        n = min(len(m), len(buf))
+        buf[:n] = m[:n]
+        return len(m)
+
+    def send_views(self, views):
+        if self.fail:
+            raise self.fail
+        data = b"".join(bytes(v) for v in views)
+        if self.seqpacket:
+            if self.room <= 0 or len(data) > self.room:     # a full socket takes no record
+                raise BlockingIOError
+            self.records.append(data)
+            self.room -= len(data)
+            return len(data)
+        n = min(self.room, len(data))
+        if n == 0 and data:
+            raise BlockingIOError
+        self.out += data[:n]
+        self.room -= n
+        return n
+
+    def shutdown_write(self):
+        self.shut_wr = True
+
+    def hung_up(self):
+        return self.hup
+
+    def close(self):
+        self.closed = True
