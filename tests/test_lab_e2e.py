@@ -48,10 +48,10 @@ def test_e2e_tests_in_the_lab(request, capsys):
              f"{summary[-1].strip('= ') if summary else 'no pytest summary'}; lab boot "
              f"{t.get('qemu_to_init', 0):.1f} s, tests {t.get('cmd', 0):.1f} s, "
              f"total {t.get('total', 0):.1f} s")
-    request.config.stash[LAB_SUMMARY] = where
     if figures.exists():
         for name, value in json.loads(figures.read_text()).items():
             where += f"\n{'':>12}{name}: {value}"
+    request.config.stash[LAB_SUMMARY] = where
     with capsys.disabled():
         print(f"\n[lab] {where}")
     assert result.status == 0, (f"e2e tests failed in the lab (status {result.status}"
