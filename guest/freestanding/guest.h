@@ -17,6 +17,11 @@
 struct args {
 	int argc;
 	char *argv[ARGS_MAX];
+	/* "virtio_mmio.device=" words (their values), taken out of argv
+	 * wherever they stand: pyvmm puts them before the scenario, QEMU
+	 * microvm after it. */
+	int ndevices;
+	char *devices[ARGS_MAX];
 	const struct hvm_start_info *start_info;
 	uint64_t tsc_entry;     /* TSC at pvh_start32 (pvh.S) */
 	uint64_t tsc_cpl3;      /* TSC at the top of user_main */
@@ -24,6 +29,17 @@ struct args {
 
 /* The value of "key=value" in args, or NULL. */
 const char *arg_value(const struct args *a, const char *key);
+
+/* A numeric key=value: stores it in *out, or leaves *out alone if the key
+ * is absent; prints "<scenario>: bad <key>=<value>"
+ * and ends the run (exit 1) if it is not a number or not in [min, max]. */
+void arg_u64(const struct args *a, const char *key, uint64_t *out,
+	     uint64_t min, uint64_t max);
+
+/* How long the virtio scenarios wait with nothing happening before they
+ * give up, in TSC ticks: 2^35, about 13 s at 2.6 GHz.  "idle=TICKS"
+ * overrides it. */
+#define IDLE_TSC_DEFAULT        (1ull << 35)
 
 /* The CPL3 entry point (main.c), called by enter_user with the start_info
  * physical address. */
@@ -40,5 +56,13 @@ void scenario_fault(const struct args *a) __attribute__((noreturn));
 void scenario_internal_error(const struct args *a) __attribute__((noreturn));
 void scenario_bootinfo(const struct args *a) __attribute__((noreturn));
 void scenario_smp(const struct args *a) __attribute__((noreturn));
+/* virtio scenarios (virtio_probe.c, virtio_console.c, vsock_scenarios.c) */
+void scenario_virtio_probe(const struct args *a) __attribute__((noreturn));
+void scenario_console_echo(const struct args *a) __attribute__((noreturn));
+void scenario_console_bulk_send(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_echo_server(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_echo_client(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_bulk_send(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_bulk_recv(const struct args *a) __attribute__((noreturn));
 
 #endif

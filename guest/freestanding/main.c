@@ -26,7 +26,16 @@ static const struct scenario {
 	{ "internal-error", scenario_internal_error },
 	{ "smp", scenario_smp },
 	{ "bootinfo", scenario_bootinfo },
+	{ "virtio-probe", scenario_virtio_probe },
+	{ "console-echo", scenario_console_echo },
+	{ "console-bulk-send", scenario_console_bulk_send },
+	{ "vsock-echo-server", scenario_vsock_echo_server },
+	{ "vsock-echo-client", scenario_vsock_echo_client },
+	{ "vsock-bulk-send", scenario_vsock_bulk_send },
+	{ "vsock-bulk-recv", scenario_vsock_bulk_recv },
 };
+
+#define DEVICE_WORD "virtio_mmio.device="
 
 extern const uint64_t boot_tsc_entry;                  /* pvh.S */
 
@@ -43,6 +52,22 @@ const char *arg_value(const struct args *a, const char *key)
 	return NULL;
 }
 
+void arg_u64(const struct args *a, const char *key, uint64_t *out,
+	     uint64_t min, uint64_t max)
+{
+	const char *v = arg_value(a, key);
+	uint64_t n;
+
+	if (!v)
+		return;
+	if (parse_u64(v, &n) || n < min || n > max) {
+		say("%s: bad %s=%s (want %lu..%lu)", a->argv[0], key, v,
+		    (unsigned long)min, (unsigned long)max);
+		guest_exit(1);
+	}
+	*out = n;
+}
+
 void guest_exit(int code)
 {
 	say("exit %d", code);
@@ -56,16 +81,24 @@ void guest_exit(int code)
 		cpu_relax();
 }
 
-/* Split cmdline in place at spaces into args.argv (excess words dropped). */
+/* Split cmdline in place at spaces into args.argv (excess words dropped);
+ * "virtio_mmio.device=" words go to args.devices instead, so the scenario
+ * is the first other word wherever the VMM put its device words. */
 static void split_cmdline(char *s, struct args *a)
 {
 	a->argc = 0;
+	a->ndevices = 0;
 	while (*s) {
 		while (*s == ' ' || *s == '\t' || *s == '\n')
 			*s++ = '\0';
-		if (!*s || a->argc == ARGS_MAX)
+		if (!*s)
 			break;
-		a->argv[a->argc++] = s;
+		if (!strncmp(s, DEVICE_WORD, sizeof(DEVICE_WORD) - 1)) {
+			if (a->ndevices < ARGS_MAX)
+				a->devices[a->ndevices++] = s + sizeof(DEVICE_WORD) - 1;
+		} else if (a->argc < ARGS_MAX) {
+			a->argv[a->argc++] = s;
+		}
 		while (*s && *s != ' ' && *s != '\t' && *s != '\n')
 			s++;
 	}

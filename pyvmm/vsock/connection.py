@@ -372,6 +372,10 @@ class Connection:
         self.peer_fwd_cnt = hdr.fwd_cnt
         if self.credit_requested and self.peer_credit() > 0:
             self.credit_requested = False
+        if self._rx_msg is not None and self.peer_credit() > 0:
+            # The rest of a staged host SEQPACKET record can go now.  Nothing
+            # else would say so: the host socket has nothing more to read.
+            self.pending |= PendingRx.RW
         op, state = hdr.op, self.state
 
         if op == Op.VIRTIO_VSOCK_OP_RST:

@@ -314,3 +314,23 @@ def test_seqpacket_oversized_host_record_resets():
 
 def test_metrics_counter_type():
     assert isinstance(new_metrics(), collections.Counter)
+
+
+def test_seqpacket_staged_record_resumes_on_credit_alone():
+    """The rest of a host record that waited for guest credit goes out when the
+    guest's CREDIT_UPDATE arrives, though the host socket has nothing more to
+    read (an echo peer waits for its reply; found with the freestanding
+    guest's echo server)."""
+    c, s = established(type=SEQPACKET, buf_alloc=32768)
+    s.messages += [b"m" * 100]
+    c.on_host_readable()
+    assert [(h.len, h.flags) for h, _ in drain(c)] == [(100, EOM | EOR)]
+    s.messages += [b"n" * 32768]                   # the guest has not reported consuming 100
+    c.on_host_readable()
+    first = [h for h, _ in drain(c) if h.op == Op.VIRTIO_VSOCK_OP_RW]
+    assert sum(h.len for h in first) == 32668 and not first[-1].flags
+    c.on_guest_packet(G(Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE, type=SEQPACKET, buf_alloc=32768,
+                        fwd_cnt=32768), [], 0)
+    rest = drain(c)                                # and no on_host_readable()
+    assert [(h.len, h.flags) for h, _ in rest if h.op == Op.VIRTIO_VSOCK_OP_RW] == \
+        [(100, EOM | EOR)]

@@ -1,0 +1,485 @@
+/*
+ * vsock_scenarios.c - the vsock test scenarios, on top of the driver in
+ * vsock.c.  The output lines are a test contract (README.md, "Scenarios").
+ *
+ *   vsock-echo-server port=P [conns=K]
+ *   vsock-echo-client port=P size=S count=N [type=stream|seqpacket] [cid=C]
+ *   vsock-bulk-send port=P bytes=N [chunk=S] [listen=1] [cid=C]
+ *   vsock-bulk-recv port=P bytes=N [listen=1] [cid=C]
+ * and, for all: idle=TICKS (IDLE_TSC_DEFAULT), how long nothing may happen
+ * before the scenario gives up with a "timeout" line and exit 1.
+ *
+ * The data sent and checked is the xorshift test stream (teststream.h);
+ * the echo server returns whatever it gets, keeping SEQPACKET message ends.
+ */
+#include <stdint.h>
+
+#include "console.h"
+#include "fmt.h"
+#include "guest.h"
+#include "io.h"
+#include "teststream.h"
+#include "tsc.h"
+#include "vsock.h"
+
+#define ECHO_RING               32768   /* per connection = its buf_alloc */
+#define STAGE_SIZE              VSOCK_TX_PAYLOAD
+
+static uint8_t echo_rings[VSOCK_MAX_CONNS][ECHO_RING];
+static uint8_t stage[STAGE_SIZE];
+static uint64_t idle;
+
+/* What a scenario checks of the bytes it receives (on_data mode). */
+static struct {
+	struct teststream stream;
+	uint64_t bytes, hash;
+	uint64_t mismatch_at;           /* first bad byte + 1, or 0 */
+	uint64_t message_size, eoms, eom_errors;
+} rx;
+
+static uint32_t need_port(const struct args *a)
+{
+	uint64_t port = 0;
+
+	if (!arg_value(a, "port")) {
+		say("%s: needs port=P", a->argv[0]);
+		guest_exit(1);
+	}
+	arg_u64(a, "port", &port, 0, 0xffffffffull);
+	return (uint32_t)port;
+}
+
+static void common_args(const struct args *a, uint64_t *cid)
+{
+	idle = IDLE_TSC_DEFAULT;
+	arg_u64(a, "idle", &idle, 1, UINT64_MAX);
+	if (cid) {
+		*cid = VSOCK_HOST_CID;
+		arg_u64(a, "cid", cid, 0, 0xffffffffull);
+	}
+}
+
+/* One step of a bounded wait: PAUSE, or fail with `what` after `idle`
+ * ticks without progress. */
+static void idle_step(uint64_t *last, unsigned progress, const char *what)
+{
+	uint64_t now = rdtsc();
+
+	if (progress) {
+		*last = now;
+	} else if (now - *last > idle) {
+		say("%s: timeout: nothing happened for %lu ticks", what,
+		    (unsigned long)idle);
+		vsock_say_stats();
+		guest_exit(1);
+	} else {
+		cpu_relax();
+	}
+}
+
+/* on_data: check the bytes against the test stream, hash and count them;
+ * on SEQPACKET also that message ends fall every message_size bytes. */
+static void check_rx(struct vsock_conn *c, const uint8_t *data, uint32_t len,
+		     uint32_t flags)
+{
+	size_t good = teststream_check(&rx.stream, data, len);
+
+	if (good != len && !rx.mismatch_at)
+		rx.mismatch_at = rx.bytes + good + 1;
+	rx.hash = fnv1a64(rx.hash, data, len);
+	rx.bytes += len;
+	if (c->type == VIRTIO_VSOCK_TYPE_SEQPACKET && rx.message_size) {
+		int at_end = rx.bytes % rx.message_size == 0;
+
+		if (flags & VIRTIO_VSOCK_SEQ_EOM) {
+			rx.eoms++;
+			rx.eom_errors += !at_end;
+		} else if (at_end && len) {
+			rx.eom_errors++;        /* a message end without EOM */
+		}
+	}
+}
+
+static int init_checked_rx(struct vsock_conn *c)
+{
+	c->on_data = check_rx;
+	return 0;
+}
+
+static void reset_rx(uint64_t message_size)
+{
+	memset(&rx, 0, sizeof(rx));
+	teststream_init(&rx.stream);
+	rx.hash = FNV1A64_OFFSET;
+	rx.message_size = message_size;
+}
+
+/*
+ * Send `total` bytes of stream s on c, at most `chunk` bytes per packet,
+ * hashing them into *hash; on SEQPACKET the last packet carries EOM.  Polls
+ * the driver while it waits for credit or tx buffers.
+ */
+static void send_stream(struct vsock_conn *c, struct teststream *s, uint64_t total,
+			uint32_t chunk, uint64_t *hash, const char *what)
+{
+	uint64_t sent = 0, last = rdtsc();
+	uint32_t staged = 0, off = 0;
+
+	/* A SEQPACKET message must fit the peer's buffer whole: the peer
+	 * cannot hand on (and so never credits back) part of a message
+	 * (Linux refuses larger ones with EMSGSIZE). */
+	if (c->type == VIRTIO_VSOCK_TYPE_SEQPACKET && total > c->peer_buf_alloc) {
+		say("%s: a %lu-byte message exceeds the peer's buf_alloc %u (EMSGSIZE)",
+		    what, (unsigned long)total, c->peer_buf_alloc);
+		guest_exit(1);
+	}
+	while (sent < total) {
+		if (c->state != VSOCK_ESTABLISHED) {
+			say("%s: connection ended after %lu of %lu bytes: %s", what,
+			    (unsigned long)sent, (unsigned long)total,
+			    c->why ? c->why : "closed by peer");
+			vsock_say_stats();
+			guest_exit(1);
+		}
+		if (off == staged) {
+			staged = (uint32_t)(total - sent < chunk ? total - sent : chunk);
+			teststream_fill(s, stage, staged);
+			*hash = fnv1a64(*hash, stage, staged);
+			off = 0;
+		}
+		uint32_t eom = c->type == VIRTIO_VSOCK_TYPE_SEQPACKET &&
+			sent + (staged - off) == total ? VIRTIO_VSOCK_SEQ_EOM : 0;
+		uint32_t queued;
+
+		vsock_send(c, stage + off, staged - off, eom, &queued);
+		off += queued;
+		sent += queued;
+		vsock_flush();
+		idle_step(&last, queued + vsock_poll(), what);
+	}
+}
+
+/* Close c cleanly and wait (bounded by the driver's close timeout) for the
+ * end; returns its failure reason or NULL. */
+static const char *close_and_wait(struct vsock_conn *c, const char *what)
+{
+	uint64_t last = rdtsc();
+
+	vsock_close(c);
+	vsock_flush();
+	while (c->state != VSOCK_CLOSED)
+		idle_step(&last, vsock_poll(), what);
+	const char *why = c->reset ? c->why : NULL;
+
+	vsock_release(c);
+	return why;
+}
+
+/* Wait (bounded) until the device has taken every packet we queued. */
+static void wait_tx_idle(const char *what)
+{
+	uint64_t last = rdtsc();
+
+	vsock_flush();
+	while (!vsock_tx_idle())
+		idle_step(&last, vsock_poll(), what);
+}
+
+/* --- vsock-echo-server -------------------------------------------------- */
+
+static int echo_accept(struct vsock_conn *c)
+{
+	c->ring = echo_rings[c - vsock_conns];
+	c->ring_size = c->buf_alloc = ECHO_RING;
+	return 0;
+}
+
+/* Echo what c's ring holds as far as credit allows, cutting packets at
+ * SEQPACKET message ends and passing EOM/EOR on. */
+static unsigned echo_pump(struct vsock_conn *c)
+{
+	unsigned progress = 0;
+
+	for (;;) {
+		int at_bound = c->bound_count &&
+			c->bound_pos[c->bound_head] == c->fwd_cnt;
+
+		if (!c->ring_len && !at_bound)
+			return progress;
+		uint32_t n = c->ring_len, flags = 0;
+
+		if (c->ring_head + n > c->ring_size)
+			n = c->ring_size - c->ring_head;        /* up to the wrap */
+		if (c->bound_count) {
+			uint32_t to_bound = c->bound_pos[c->bound_head] - c->fwd_cnt;
+
+			if (to_bound <= n) {
+				n = to_bound;
+				flags = c->bound_flags[c->bound_head];
+			}
+		}
+		uint32_t queued;
+		int all = vsock_send(c, c->ring + c->ring_head, n, flags, &queued);
+
+		if (queued) {
+			vsock_consume(c, queued);
+			progress++;
+		}
+		if (!all)
+			return progress;
+		if (flags) {
+			c->bound_head = (c->bound_head + 1) % VSOCK_MAX_BOUNDARIES;
+			c->bound_count--;
+			progress++;
+		}
+	}
+}
+
+void scenario_vsock_echo_server(const struct args *a)
+{
+	uint32_t port = need_port(a);
+	uint64_t conns = 1, done = 0, bytes = 0;
+	int failed = 0;
+
+	arg_u64(a, "conns", &conns, 1, 1000000);
+	common_args(a, NULL);
+	vsock_open(a, idle);
+	vsock_listen(port, echo_accept);
+	say("vsock listening %u", port);
+
+	uint64_t last = rdtsc();
+
+	while (done < conns) {
+		unsigned progress = vsock_poll();
+
+		for (unsigned i = 0; i < VSOCK_MAX_CONNS; i++) {
+			struct vsock_conn *c = &vsock_conns[i];
+
+			if (c->state == VSOCK_ESTABLISHED) {
+				progress += echo_pump(c);
+				/* The peer sends no more and all is echoed, or it
+				 * receives no more: our half of the clean close. */
+				if ((c->peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND &&
+				     !c->ring_len && !c->bound_count) ||
+				    c->peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE) {
+					vsock_close(c);
+					progress++;
+				}
+			}
+			if (c->state == VSOCK_CLOSED) {
+				done++;
+				bytes += c->tx_bytes;
+				if (c->reset) {
+					say("vsock echo: connection from %lu:%u ended: %s "
+					    "(%lu bytes in, %lu echoed)",
+					    (unsigned long)c->peer_cid, c->peer_port, c->why,
+					    (unsigned long)c->rx_bytes, (unsigned long)c->tx_bytes);
+					/* An RST from the peer ends a connection it
+					 * is done with; anything else is a failure. */
+					failed |= strcmp(c->why, "reset by peer (RST)") != 0;
+				}
+				vsock_release(c);
+				progress++;
+			}
+		}
+		vsock_flush();
+		idle_step(&last, progress, "vsock echo");
+	}
+	wait_tx_idle("vsock echo");
+	say("vsock echo done %lu %lu", (unsigned long)done, (unsigned long)bytes);
+	vsock_say_stats();
+	guest_exit(failed);
+}
+
+/* --- vsock-echo-client -------------------------------------------------- */
+
+static uint16_t parse_type(const struct args *a)
+{
+	const char *t = arg_value(a, "type");
+
+	if (!t || !strcmp(t, "stream"))
+		return VIRTIO_VSOCK_TYPE_STREAM;
+	if (!strcmp(t, "seqpacket")) {
+		if (!vsock_seqpacket()) {
+			say("%s: the device did not offer VIRTIO_VSOCK_F_SEQPACKET",
+			    a->argv[0]);
+			guest_exit(1);
+		}
+		return VIRTIO_VSOCK_TYPE_SEQPACKET;
+	}
+	say("%s: bad type=%s (stream, seqpacket)", a->argv[0], t);
+	guest_exit(1);
+}
+
+void scenario_vsock_echo_client(const struct args *a)
+{
+	uint32_t port = need_port(a);
+	uint64_t size = 4096, count = 1, cid, tx_hash = FNV1A64_OFFSET;
+	struct teststream tx;
+
+	arg_u64(a, "size", &size, 1, 1ull << 32);
+	arg_u64(a, "count", &count, 1, UINT64_MAX);
+	common_args(a, &cid);
+	vsock_open(a, idle);
+
+	uint16_t type = parse_type(a);
+
+	reset_rx(size);
+	teststream_init(&tx);
+
+	struct vsock_conn *c = vsock_connect(cid, port, type, init_checked_rx);
+
+	if (!c)
+		guest_exit(1);
+
+	uint64_t start = rdtsc();
+
+	for (uint64_t i = 1; i <= count; i++) {
+		uint64_t last = rdtsc();
+
+		send_stream(c, &tx, size, VSOCK_TX_PAYLOAD, &tx_hash, "vsock echo client");
+		while (rx.bytes < i * size) {
+			if (c->state != VSOCK_ESTABLISHED) {
+				say("vsock echo client: connection ended after %lu of %lu "
+				    "echoed bytes: %s", (unsigned long)rx.bytes,
+				    (unsigned long)(size * count), c->why ? c->why : "closed");
+				guest_exit(1);
+			}
+			idle_step(&last, vsock_poll(), "vsock echo client");
+		}
+	}
+	uint64_t ticks = rdtsc() - start;
+	const char *why = close_and_wait(c, "vsock echo client");
+
+	if (rx.mismatch_at || rx.bytes != size * count || rx.eom_errors ||
+	    (type == VIRTIO_VSOCK_TYPE_SEQPACKET && rx.eoms != count) || why) {
+		say("vsock echo client: FAILED: got %lu of %lu bytes, first bad byte %ld, "
+		    "%lu EOMs (%lu misplaced), close: %s", (unsigned long)rx.bytes,
+		    (unsigned long)(size * count), (long)rx.mismatch_at - 1,
+		    (unsigned long)rx.eoms, (unsigned long)rx.eom_errors, why ? why : "clean");
+		vsock_say_stats();
+		guest_exit(1);
+	}
+	say("vsock echo ok %lu", (unsigned long)rx.bytes);
+	say("vsock echo %lu round trips of %lu bytes in %lu ticks", (unsigned long)count,
+	    (unsigned long)size, (unsigned long)ticks);
+	say_tsc_frequency();
+	vsock_say_stats();
+	guest_exit(0);
+}
+
+/* --- vsock-bulk-send / vsock-bulk-recv ---------------------------------- */
+
+static struct vsock_conn *accepted;
+
+static int bulk_accept(struct vsock_conn *c)
+{
+	if (accepted)
+		return -1;              /* one connection only */
+	accepted = c;
+	return init_checked_rx(c);
+}
+
+/* Connect to cid:port, or with listen=1 wait for the peer to connect. */
+static struct vsock_conn *bulk_open(const struct args *a, uint32_t port,
+				    uint64_t cid, const char *what)
+{
+	const char *listen = arg_value(a, "listen");
+
+	if (!listen || !strcmp(listen, "0")) {
+		struct vsock_conn *c = vsock_connect(cid, port, VIRTIO_VSOCK_TYPE_STREAM,
+						     init_checked_rx);
+		if (!c)
+			guest_exit(1);
+		return c;
+	}
+	vsock_listen(port, bulk_accept);
+	say("vsock listening %u", port);
+
+	uint64_t last = rdtsc();
+
+	while (!accepted)
+		idle_step(&last, vsock_poll(), what);
+	return accepted;
+}
+
+void scenario_vsock_bulk_send(const struct args *a)
+{
+	uint32_t port = need_port(a);
+	uint64_t total = 0, chunk = 4096, cid, hash = FNV1A64_OFFSET;
+	struct teststream s;
+
+	if (!arg_value(a, "bytes")) {
+		say("vsock-bulk-send: needs bytes=N");
+		guest_exit(1);
+	}
+	arg_u64(a, "bytes", &total, 0, UINT64_MAX);
+	arg_u64(a, "chunk", &chunk, 1, VSOCK_TX_PAYLOAD);
+	common_args(a, &cid);
+	vsock_open(a, idle);
+	reset_rx(0);
+
+	struct vsock_conn *c = bulk_open(a, port, cid, "vsock bulk send");
+	uint64_t start = rdtsc();
+
+	teststream_init(&s);
+	send_stream(c, &s, total, (uint32_t)chunk, &hash, "vsock bulk send");
+	wait_tx_idle("vsock bulk send");
+
+	uint64_t ticks = rdtsc() - start;
+	const char *why = close_and_wait(c, "vsock bulk send");
+
+	if (why)
+		say("vsock bulk send: close: %s", why);
+	say("vsock bulk sent %lu bytes fnv %lx in %lu ticks", (unsigned long)total,
+	    (unsigned long)hash, (unsigned long)ticks);
+	say_tsc_frequency();
+	vsock_say_stats();
+	guest_exit(0);
+}
+
+void scenario_vsock_bulk_recv(const struct args *a)
+{
+	uint32_t port = need_port(a);
+	uint64_t total = 0, cid;
+
+	if (!arg_value(a, "bytes")) {
+		say("vsock-bulk-recv: needs bytes=N");
+		guest_exit(1);
+	}
+	arg_u64(a, "bytes", &total, 0, UINT64_MAX);
+	common_args(a, &cid);
+	vsock_open(a, idle);
+	reset_rx(0);
+
+	struct vsock_conn *c = bulk_open(a, port, cid, "vsock bulk recv");
+	uint64_t start = rdtsc(), last = start;
+
+	while (rx.bytes < total) {
+		if (c->state != VSOCK_ESTABLISHED ||
+		    c->peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) {
+			say("vsock bulk recv: peer closed after %lu of %lu bytes%s%s",
+			    (unsigned long)rx.bytes, (unsigned long)total,
+			    c->why ? ": " : "", c->why ? c->why : "");
+			vsock_say_stats();
+			guest_exit(1);
+		}
+		idle_step(&last, vsock_poll(), "vsock bulk recv");
+	}
+	uint64_t ticks = rdtsc() - start;
+	const char *why = close_and_wait(c, "vsock bulk recv");
+
+	if (rx.mismatch_at || rx.bytes != total) {
+		say("vsock bulk recv: FAILED: %lu bytes (want %lu), first bad byte %ld",
+		    (unsigned long)rx.bytes, (unsigned long)total, (long)rx.mismatch_at - 1);
+		vsock_say_stats();
+		guest_exit(1);
+	}
+	if (why)
+		say("vsock bulk recv: close: %s", why);
+	say("vsock bulk received %lu bytes fnv %lx in %lu ticks", (unsigned long)rx.bytes,
+	    (unsigned long)rx.hash, (unsigned long)ticks);
+	say_tsc_frequency();
+	vsock_say_stats();
+	guest_exit(0);
+}

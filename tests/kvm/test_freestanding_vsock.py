@@ -1,0 +1,263 @@
+"""KVM level: pyvmm's vsock device against the freestanding guest's CPL3 virtio driver.
+
+The guest (guest/freestanding: virtio_mmio.c, virtqueue.c, vsock.c) drives
+the device from CPL3, so these tests run at native speed on PVM hosts too.
+Each test boots its own guest (well under a second) with one scenario on its
+command line, and talks to it through the Firecracker-compatible Unix socket
+(plain Python sockets, and socat).  Bulk data is the guest's xorshift test
+stream: the receiving end checks every byte against it (the host with
+``tests/teststream.py``, the guest with ``teststream_check``) and the guest
+prints the stream's FNV-1a checksum.
+
+Also here: the same guest in virtio-console mode under QEMU, the peer the
+benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+import teststream
+from harness import LiveGuest
+from pyvmm import images
+from pyvmm.kvm.host import detect
+from pyvmm.machine import ExitStatus, VsockConfig
+
+pytestmark = pytest.mark.kvm
+
+BIG = 64 << 20
+PREFIX = "pyvmm-test-guest: "
+
+
+@pytest.fixture
+def uds(tmp_path):
+    return str(tmp_path / "v.sock")
+
+
+def guest(uds, scenario, timeout=120):
+    return LiveGuest(images.freestanding_guest(), cmdline=scenario, timeout=timeout,
+                     vsock=VsockConfig(3, uds))
+
+
+def connect_unix(uds, port, kind=socket.SOCK_STREAM):
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.settimeout(60)
+    s.connect(uds)
+    s.sendall(f"CONNECT {port}\n".encode())
+    reply = s.recv(64) if kind == socket.SOCK_SEQPACKET else b""
+    while kind == socket.SOCK_STREAM and not reply.endswith(b"\n"):
+        c = s.recv(1)
+        if not c:
+            break
+        reply += c
+    if not re.fullmatch(rb"OK \d+\n", reply):
+        s.close()
+        raise ConnectionRefusedError(f"CONNECT {port}: {reply!r}")
+    return s
+
+
+def recv_all(s, limit=1 << 30):
+    out = bytearray()
+    while len(out) < limit and (chunk := s.recv(1 << 16)):
+        out += chunk
+    return bytes(out)
+
+
+def listen_unix(path, kind=socket.SOCK_STREAM):
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.bind(path)
+    s.listen(64)
+    s.settimeout(60)
+    return s
+
+
+def echo_one(listener, records=False):
+    conn, _ = listener.accept()
+    with conn:
+        while data := conn.recv(1 << 20):
+            (conn.send if records else conn.sendall)(data)
+
+
+def test_virtio_probe_sees_the_vsock_device(uds):
+    with guest(uds, "virtio-probe") as g:
+        run = g.finish(60)
+    assert re.search(r"virtio device 0 at 0xd0000000 irq 5 id 19", run.console), run.explain()
+    assert "virtio device 0 vsock guest_cid 3" in run.console, run.explain()
+    assert re.search(r"virtio device 0 driver ok features 0x[0-9a-f]+", run.console), run.explain()
+    (vsock,) = run.virtio
+    assert vsock["guest_errors"] == 0 and vsock["notifies_before_driver_ok"] == 0, vsock
+
+
+def test_host_to_guest_echo_with_python_sockets(uds):
+    payload = os.urandom(300_000)
+    with guest(uds, "vsock-echo-server port=1234 conns=1") as g:
+        g.wait_for(PREFIX + "vsock listening 1234")
+        with connect_unix(uds, 1234) as s:
+            threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)),
+                             daemon=True).start()
+            echoed = recv_all(s)
+        run = g.finish(60)
+    assert echoed == payload
+    assert f"vsock echo done 1 {len(payload)}" in run.console, run.explain()
+    assert run.result.status == ExitStatus.GUEST_RESET
+
+
+@pytest.mark.skipif(not shutil.which("socat"), reason="socat is not installed")
+def test_host_to_guest_echo_with_socat(uds):
+    with guest(uds, "vsock-echo-server port=1234 conns=1") as g:
+        g.wait_for(PREFIX + "vsock listening 1234")
+        out = subprocess.run(["socat", "-t", "10", "-", f"UNIX-CONNECT:{uds}"],
+                             input=b"CONNECT 1234\nhello from socat\n", capture_output=True,
+                             timeout=60)
+        run = g.finish(60)
+    assert re.fullmatch(rb"OK \d+\nhello from socat\n", out.stdout), out
+    assert "vsock echo done 1 17" in run.console, run.explain()
+
+
+def test_guest_to_host_echo(uds):
+    listener = listen_unix(f"{uds}_2000")
+    server = threading.Thread(target=echo_one, args=(listener,), daemon=True)
+    server.start()
+    with guest(uds, "vsock-echo-client port=2000 size=4096 count=200") as g:
+        run = g.finish(120)
+    assert f"vsock echo ok {4096 * 200}" in run.console, run.explain()
+
+
+def test_64_concurrent_connections(uds):
+    results = {}
+
+    def one(i):
+        data = bytes([i]) * (5000 + 131 * i)
+        try:
+            with connect_unix(uds, 1234) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                results[i] = recv_all(s) == data
+        except OSError as e:
+            results[i] = repr(e)
+
+    with guest(uds, "vsock-echo-server port=1234 conns=64") as g:
+        g.wait_for(PREFIX + "vsock listening 1234")
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        run = g.finish(120)
+    assert results == {i: True for i in range(64)}
+    assert re.search(r"vsock echo done 64 \d+", run.console), run.explain()
+
+
+def test_64mib_guest_to_host(uds, record_property):
+    listener = listen_unix(f"{uds}_2001")
+    got = {}
+
+    def sink():
+        conn, _ = listener.accept()
+        with conn:
+            t0 = time.monotonic()
+            got["data"] = recv_all(conn, BIG + 1)
+            got["seconds"] = time.monotonic() - t0
+
+    t = threading.Thread(target=sink, daemon=True)
+    t.start()
+    with guest(uds, f"vsock-bulk-send port=2001 bytes={BIG} chunk=65536") as g:
+        run = g.finish(300)
+    t.join(60)
+    m = re.search(rf"vsock bulk sent {BIG} bytes fnv ([0-9a-f]+)", run.console)
+    assert m, run.explain()
+    assert got["data"] == teststream.stream(BIG), "guest->host bytes differ from the stream"
+    record_property("guest_to_host_MBps", round(BIG / got["seconds"] / 1e6, 1))
+
+
+def test_64mib_host_to_guest(uds, record_property):
+    data = teststream.stream(BIG)
+    with guest(uds, f"vsock-bulk-recv port=1237 bytes={BIG} listen=1", timeout=600) as g:
+        g.wait_for(PREFIX + "vsock listening 1237")
+        with connect_unix(uds, 1237) as s:
+            t0 = time.monotonic()
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            recv_all(s)                          # until the guest closes
+            seconds = time.monotonic() - t0
+        run = g.finish(120)
+    assert re.search(rf"vsock bulk received {BIG} bytes fnv [0-9a-f]+", run.console), run.explain()
+    assert "FAILED" not in run.console
+    record_property("host_to_guest_MBps", round(BIG / seconds / 1e6, 1))
+
+
+def test_seqpacket_boundaries_both_ways(uds):
+    listener = listen_unix(f"{uds}_2003", socket.SOCK_SEQPACKET)
+    threading.Thread(target=echo_one, args=(listener, True), daemon=True).start()
+    with guest(uds, "vsock-echo-client port=2003 size=3000 count=20 type=seqpacket") as g:
+        run = g.finish(60)
+    assert "vsock echo ok 60000" in run.console, run.explain()
+
+    with guest(uds, "vsock-echo-server port=1235 conns=1") as g:
+        g.wait_for(PREFIX + "vsock listening 1235")
+        with connect_unix(uds + ".seqpacket", 1235, socket.SOCK_SEQPACKET) as s:
+            for size in (1, 100, 4096, 4097, 20000, 32768):
+                msg = bytes([size % 251]) * size
+                s.send(msg)
+                assert s.recv(1 << 20) == msg, f"{size}-byte message"
+        run = g.finish(60)
+    assert "vsock echo done 1" in run.console, run.explain()
+
+
+def test_resets(uds):
+    # guest -> host, nobody at <uds>_2999: the guest's connect is reset
+    with guest(uds, "vsock-echo-client port=2999 size=1 count=1") as g:
+        run = g.finish(60)
+    assert re.search(r"connect .*failed", run.console), run.explain()
+    assert run.vsock["rst_sent"] >= 1
+    # host -> guest, nobody on guest port 4321: the Unix connection is closed
+    with guest(uds, "vsock-echo-server port=1234 conns=1") as g:
+        g.wait_for(PREFIX + "vsock listening 1234")
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(30)
+        s.connect(uds)
+        s.sendall(b"CONNECT 4321\n")
+        assert s.recv(64) == b""
+        s.close()
+        with connect_unix(uds, 1234) as ok:       # let the guest's server finish
+            ok.sendall(b"x")
+            ok.shutdown(socket.SHUT_WR)
+            assert recv_all(ok) == b"x"
+        run = g.finish(60)
+    assert run.vsock["rst_received"] >= 1
+
+
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="QEMU is not installed")
+def test_console_mode_under_qemu(tmp_path):
+    """The same guest drives QEMU's virtio-serial port (the benchmark peer)."""
+    n = 1 << 20
+    sock = str(tmp_path / "console.sock")
+    srv = listen_unix(sock)
+    accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) and detect() else "tcg"
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-M", "microvm", "-accel", accel, "-nodefaults", "-no-reboot",
+         "-nographic", "-nic", "none", "-m", "64", "-serial", "stdio",
+         "-global", "virtio-mmio.force-legacy=false",
+         "-kernel", str(images.freestanding_guest()),
+         "-append", f"console-bulk-send bytes={n} port=1",
+         "-device", "virtio-serial-device", "-chardev", f"socket,id=c0,path={sock}",
+         "-device", "virtserialport,chardev=c0,nr=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        conn, _ = srv.accept()
+        conn.settimeout(60)
+        data = recv_all(conn, n)
+        out, _ = qemu.communicate(timeout=60)
+    finally:
+        qemu.kill()
+    text = out.decode(errors="replace")
+    assert data == teststream.stream(n), text[-2000:]
+    assert re.search(rf"console bulk sent {n} bytes fnv ([0-9a-f]+)", text), text[-2000:]
