@@ -160,6 +160,9 @@ def cmd_run(args) -> int:
             if host.is_pvm and vm.kernel.format != "pvh-elf":
                 log.warning("PVM host: the guest kernel runs emulated (slowly) and a stock "
                             "Linux guest cannot run its userspace here")
+                if args.cpus > 1:
+                    log.warning("PVM host: Linux's bring-up of secondary CPUs was seen to hang "
+                                "here ('Booting SMP configuration'); --cpus 1 is safer")
             log.info("kernel %s (%s, %s), %d MiB, %d vCPU(s)", kernel, vm.kernel.format,
                      vm.kernel.mode.value, args.mem // layout.MiB, args.cpus)
             log.debug("cmdline: %s", vm.cmdline)

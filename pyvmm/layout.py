@@ -74,6 +74,12 @@ INITRD_ALIGN = 2 * MiB
 MMIO_START = 0xD000_0000        # virtio-mmio window (Firecracker uses the same base)
 MMIO_DEVICE_SIZE = 0x1000       # one 4 KiB register page per virtio-mmio device
 MMIO_MAX_DEVICES = 16
+#: two pages KVM needs below 4 GiB on Intel hosts: the identity-mapped page
+#: table for real mode without unrestricted guest (KVM_SET_IDENTITY_MAP_ADDR),
+#: then the three-page real-mode TSS (KVM_SET_TSS_ADDR); both are just below the
+#: BIOS area, where QEMU and Firecracker put them too
+KVM_IDENTITY_MAP_START = 0xFFFB_C000
+KVM_TSS_START = 0xFFFB_D000
 IOAPIC_START = 0xFEC0_0000
 APIC_START = 0xFEE0_0000
 

@@ -219,14 +219,12 @@ class Machine:
         max_cpus = min(self.kvm.max_vcpus(), mptable.MAX_CPUS)
         if not 1 <= cfg.cpus <= max_cpus:
             raise ConfigError(f"--cpus {cfg.cpus} is out of range: 1 to {max_cpus} on this host")
-
         self.initrd = initrd
 
         self.vm = self.kvm.create_vm()
         self._closers.append(self.vm.close)
-        # Two pages KVM needs below 4 GiB on Intel (real-mode TSS, EPT identity map).
-        self.vm.set_identity_map_addr(0xFFFBC000)
-        self.vm.set_tss_addr(0xFFFBD000)
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_START)
+        self.vm.set_tss_addr(layout.KVM_TSS_START)
         self.vm.create_irqchip()
         self.vm.create_pit2()
         self.vm.set_user_memory_region(0, self.memory.base, self.memory.size,
