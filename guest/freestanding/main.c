@@ -33,6 +33,7 @@ static const struct scenario {
 	{ "vsock-echo-client", scenario_vsock_echo_client },
 	{ "vsock-bulk-send", scenario_vsock_bulk_send },
 	{ "vsock-bulk-recv", scenario_vsock_bulk_recv },
+	{ "hostile", scenario_hostile },
 };
 
 #define DEVICE_WORD "virtio_mmio.device="

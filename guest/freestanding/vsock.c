@@ -78,6 +78,20 @@ static int said_bad_rx, said_violation;
 struct vsock_conn vsock_conns[VSOCK_MAX_CONNS];
 struct vsock_stats vsock_stats;
 
+int (*vsock_rx_hook)(const struct virtio_vsock_hdr *h, const uint8_t *payload);
+void (*vsock_open_hook)(void);
+uint64_t vsock_feature_mask = ~0ull;
+
+struct virtio_mmio_dev *vsock_device(void)
+{
+	return dev;
+}
+
+struct virtq *vsock_queue(unsigned index)
+{
+	return index == VSOCK_RX_QUEUE ? &rxq : index == VSOCK_TX_QUEUE ? &txq : &evq;
+}
+
 uint64_t vsock_guest_cid(void)
 {
 	return guest_cid;
@@ -535,7 +549,7 @@ unsigned vsock_poll(void)
 			if (!said_bad_rx++)
 				say("vsock: dropped an rx packet: used len %u, header len %u",
 				    len, b->hdr.len);
-		} else {
+		} else if (!vsock_rx_hook || !vsock_rx_hook(&b->hdr, b->payload)) {
 			handle_packet(&b->hdr, b->payload);
 		}
 		post_rx(b);
@@ -567,6 +581,8 @@ void vsock_open(const struct args *a, uint64_t idle)
 		VIRTIO_BIT(VIRTIO_VSOCK_F_STREAM) | VIRTIO_BIT(VIRTIO_VSOCK_F_SEQPACKET) |
 		VIRTIO_BIT(VIRTIO_VSOCK_F_NO_IMPLIED_STREAM);
 
+	wanted &= vsock_feature_mask;
+
 	if (virtio_mmio_begin(dev, wanted) ||
 	    virtio_mmio_setup_queue(dev, &rxq, VSOCK_RX_QUEUE, RX_QUEUE_SIZE) ||
 	    virtio_mmio_setup_queue(dev, &txq, VSOCK_TX_QUEUE, TX_QUEUE_SIZE) ||
@@ -590,6 +606,8 @@ void vsock_open(const struct args *a, uint64_t idle)
 	}
 	if (virtio_mmio_driver_ok(dev))
 		guest_exit(1);
+	if (vsock_open_hook)
+		vsock_open_hook();
 	/* §5.10.5 steps 2-3: event buffers, then rx buffers. */
 	for (unsigned i = 0; i < EVENT_BUFS; i++)
 		post_event(&event_bufs[i]);

@@ -182,4 +182,19 @@ int vsock_tx_idle(void);
 
 void vsock_say_stats(void);
 
+/* --- hostile-mode hooks (hostile.c); the other scenarios leave them alone -- */
+struct virtq;
+struct virtio_mmio_dev;
+/* Called for each rx packet that passed the length checks, before the
+ * driver handles it; nonzero = the hook consumed it. */
+extern int (*vsock_rx_hook)(const struct virtio_vsock_hdr *h, const uint8_t *payload);
+/* Called by vsock_open after DRIVER_OK, before the event and rx buffers
+ * are posted (so what it adds to the rx queue is used first). */
+extern void (*vsock_open_hook)(void);
+/* The feature bits vsock_open may accept (default: all it wants). */
+extern uint64_t vsock_feature_mask;
+/* The device and its queues (VSOCK_*_QUEUE), for hand-written rings. */
+struct virtio_mmio_dev *vsock_device(void);
+struct virtq *vsock_queue(unsigned index);
+
 #endif

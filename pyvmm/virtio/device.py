@@ -135,8 +135,12 @@ class VirtioDevice(abc.ABC):
         """``size`` bytes of config space at ``offset`` (the transport checked the range)."""
         return bytes(size)
 
+    #: False: the config space is read-only (vsock's guest_cid); the transport
+    #: counts and drops driver writes instead of calling :meth:`write_config`
+    config_writable = False
+
     def write_config(self, offset: int, data: bytes) -> None:
-        """The driver wrote config space; the default drops the write (read-only space)."""
+        """The driver wrote config space (called only if :attr:`config_writable`)."""
 
     @contextlib.contextmanager
     def config_update(self) -> Iterator[None]:

@@ -551,8 +551,12 @@ class MmioTransport:
         return bytes(data)
 
     def _write_config(self, offset: int, data: bytes) -> None:
-        if self._config_range_ok(offset, len(data), "write"):
-            self._device_call("write_config", self.device.write_config, offset, data)
+        if not self._config_range_ok(offset, len(data), "write"):
+            return
+        if not self.device.config_writable:
+            self.errors.report("write to read-only device config space", f"offset {offset:#x}")
+            return
+        self._device_call("write_config", self.device.write_config, offset, data)
 
     def _device_call(self, what: str, fn: Callable, *args):
         """Call into the device; an exception is a pyvmm bug, never the vCPU's problem."""

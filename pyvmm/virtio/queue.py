@@ -501,7 +501,8 @@ class Queue:
         """Counters of the rings as they stand now, for metrics and tests."""
         return {"size": self.size, "avail_idx": int(self._avail_idx[0]),
                 "last_avail_idx": self.last_avail_idx, "used_idx": self.next_used_idx,
-                "in_flight": self.in_flight, "broken": self.broken}
+                "in_flight": self.in_flight, "broken": self.broken,
+                "errors": dict(self.errors.counts)}
 
     # -- the available ring -------------------------------------------------
     def has_available(self) -> bool:

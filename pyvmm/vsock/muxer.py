@@ -141,8 +141,7 @@ class VsockMuxer:
         if hdr.type not in (STREAM, SEQPACKET) or (hdr.type == SEQPACKET and not self.seqpacket):
             self._guest_error("guest packet of an unknown or unnegotiated type", hdr)
             if conn is not None:
-                conn.kill("guest packet of an unknown or unnegotiated type")
-                self._sync(conn)
+                self._reset_for(conn, hdr, "guest packet of an unknown or unnegotiated type")
             else:
                 self._reply_rst(hdr)
             return
@@ -157,9 +156,9 @@ class VsockMuxer:
             return
         if hdr.type != conn.vtype:
             self._guest_error("guest packet type differs from its connection's", hdr)
-            conn.kill("guest packet type differs from its connection's")
-        else:
-            conn.on_guest_packet(hdr, pkt.payload, self.loop.time())
+            self._reset_for(conn, hdr, "guest packet type differs from its connection's")
+            return
+        conn.on_guest_packet(hdr, pkt.payload, self.loop.time())
         self._sync(conn)
 
     def on_bad_guest_packet(self, hdr: VsockHeader) -> None:
@@ -169,10 +168,20 @@ class VsockMuxer:
             return
         conn = self.connections.get((hdr.dst_port, hdr.src_port))
         if conn is not None:
-            conn.kill("malformed guest packet")
-            self._sync(conn)
+            self._reset_for(conn, hdr, "malformed guest packet")
         elif hdr.op != Op.VIRTIO_VSOCK_OP_RST:
             self._reply_rst(hdr)
+
+    def _reset_for(self, conn, hdr: VsockHeader, reason: str) -> None:
+        """End ``conn`` after a bad guest packet: with an RST owed to the guest,
+        unless that packet was itself an RST (never answer an RST with an RST,
+        as Linux's virtio_transport_reset_no_sock)."""
+        if hdr.op == Op.VIRTIO_VSOCK_OP_RST:
+            self.metrics["rst_received"] += 1
+            conn.abort()
+        else:
+            conn.kill(reason)
+        self._sync(conn)
 
     def _guest_error(self, reason: str, hdr: VsockHeader) -> None:
         self.errors.report(reason, hdr.describe())

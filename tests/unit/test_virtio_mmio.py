@@ -33,6 +33,7 @@ class EchoDevice(VirtioDevice):
     queue_max_sizes = (256, 256, 0)       # queue 2 is absent
     device_features = OFFERED
     config_size = len(CONFIG)
+    config_writable = True
 
     def __init__(self) -> None:
         self.config = bytearray(CONFIG)
@@ -392,6 +393,13 @@ def test_config_access_outside_is_zeros(rig, offset, size):
 def test_config_write_reaches_the_device(rig):
     rig.t.write(0x104, b"\x01\x02")
     assert rig.device.written == [(4, b"\x01\x02")]
+
+
+def test_config_write_to_a_read_only_space_is_counted_and_dropped(rig):
+    rig.device.config_writable = False
+    rig.t.write(0x104, b"\x01\x02")
+    assert rig.device.written == []
+    assert rig.t.errors["write to read-only device config space"] == 1
 
 
 def test_config_generation_makes_the_driver_retry(rig):

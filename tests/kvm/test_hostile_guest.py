@@ -1,0 +1,403 @@
+"""KVM level: pyvmm's virtio-mmio transport and vsock device against a hostile driver.
+
+The freestanding guest's ``hostile what=<case>`` scenario (guest/freestanding/
+hostile.c, README "Hostile mode") breaks one rule per boot on purpose: bad
+descriptor addresses, looping chains, wrong lengths, a corrupt available ring,
+credit overruns, packets for connections that do not exist, unknown ops and
+types, a REQUEST flood past the connection bound, notifies before DRIVER_OK,
+unusable queue configurations.  Each test boots one case (well under a second
+here) and checks what pyvmm must do per the spec and its documented choices
+(pyvmm/virtio/queue.py, mmio.py, vsock/*.py docstrings):
+
+* the answer: the chain returned with used.len 0 / an RST / a drop /
+  DEVICE_NEEDS_RESET, as the guest saw it (its ``done`` line) and as pyvmm
+  counted it (``counters()``, the transport's and the queue's error logs);
+* the specific reason counted (as many times as the guest misbehaved) and
+  logged once (the guest misbehaves twice where it can, ``n=2``);
+* pyvmm was not hurt: the run ended by the guest's own reset with ``exit 0``,
+  no device method or loop callback raised, no connection left behind, and
+  (where the device is still usable) a well-behaved echo over a new
+  connection afterwards worked (``hostile echo ok``).
+
+The guest decides everything it checks by ordering, never by waiting: after
+each bad packet it sends a "probe" (an RW for no connection) and waits for
+the RST that answers it; a reply to the bad packet would have arrived first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+
+import pytest
+
+from harness import LiveGuest
+from pyvmm import images
+from pyvmm.machine import ExitStatus, VsockConfig
+
+pytestmark = pytest.mark.kvm
+
+PORT = 1500             # the host's echo service (guest connects to <uds>_1500)
+FLOOD_PORT = 1501       # the REQUEST flood's target (never accepted by the test)
+EARLY_PORT = 1502       # notify-early's REQUEST: must never be connected
+PREFIX = "pyvmm-test-guest: "
+ECHO_OK = PREFIX + "hostile echo ok 3000"
+
+
+class EchoHost:
+    """A Unix listener at ``<uds>_<port>`` that echoes every connection; counts accepts."""
+
+    def __init__(self, path: str, backlog: int = 64, serve: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(backlog)
+        self.accepted = 0
+        self._stop = False
+        if serve:
+            threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(1 << 16):
+                    conn.sendall(data)
+            except OSError:
+                pass            # pyvmm reset the connection: expected in some cases
+
+    def pending(self) -> bool:
+        """A connection waiting to be accepted (only for serve=False)?"""
+        self.sock.setblocking(False)
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return False
+        conn.close()
+        return True
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+class Outcome:
+    def __init__(self, case, run, queue_errors, transport_errors, device_errors, loop_errors):
+        self.case, self.run = case, run
+        self.queue_errors = queue_errors            # [rx, tx, event]: reason -> count
+        self.transport_errors = transport_errors    # reason -> count
+        self.device_errors = device_errors          # exceptions that escaped the device
+        self.loop_errors = loop_errors              # exceptions in vsock loop callbacks
+        self.vsock = run.vsock
+        self.snapshot = run.virtio[0]
+
+    @property
+    def done(self) -> dict:
+        m = re.search(rf"^{PREFIX}hostile {re.escape(self.case)} done (.*)$", self.run.console, re.M)
+        assert m, self.run.explain()
+        return dict(kv.split("=", 1) for kv in m.group(1).split())
+
+    def reasons(self) -> dict:
+        return self.vsock["guest_errors_by_reason"]
+
+
+@pytest.fixture
+def uds(tmp_path):
+    path = str(tmp_path / "v.sock")
+    echo = EchoHost(f"{path}_{PORT}")
+    yield path
+    echo.close()
+
+
+def hostile(uds, case, n=1, extra="", *, echo=True) -> Outcome:
+    cmd = f"hostile what={case} port={PORT} n={n} {extra}".strip()
+    with LiveGuest(images.freestanding_guest(), cmdline=cmd, timeout=60,
+                   vsock=VsockConfig(3, uds)) as g:
+        run = g.finish(60)
+        transport = g.vm.virtio_slots[0].transport
+        out = Outcome(case, run, [dict(q.errors.counts) for q in transport.queues],
+                      dict(transport.errors.counts), dict(transport.device_errors),
+                      dict(g.vm.vsock_device.loop.callback_errors))
+    # pyvmm came through: the guest ended the run itself, successfully
+    assert run.result.status == ExitStatus.GUEST_RESET, run.explain()
+    assert PREFIX + "exit 0" in run.console, run.explain()
+    assert "FAILED" not in run.console, run.explain()
+    assert out.device_errors == {} and out.loop_errors == {}, (out.device_errors, out.loop_errors)
+    assert out.vsock["connections"] == 0, out.vsock
+    if echo:
+        assert ECHO_OK in run.console, run.explain()
+    return out
+
+
+def logged(caplog, reason: str) -> int:
+    return sum(reason in r.getMessage() for r in caplog.records)
+
+
+# --- bad descriptor chains: dropped with used.len 0, never answered ----------------
+
+CHAIN_CASES = {
+    "tx-addr-outside": "descriptor buffer outside guest memory",       # 0x80000000, RAM is 64 MiB
+    "tx-addr-hole": "descriptor buffer outside guest memory",          # 0xd0000000, the device window
+    "tx-addr-wrap": "descriptor buffer outside guest memory",          # 2**64 - 4096, len 8 KiB
+    "tx-loop": "descriptor chain loops or is longer than its table (ttl)",
+    "tx-long": "descriptor chain loops or is longer than its table (ttl)",   # all 64 + back to 1st
+    "tx-next-range": "descriptor next index out of range",
+    "tx-indirect": "VIRTQ_DESC_F_INDIRECT without VIRTIO_F_INDIRECT_DESC",   # not acked
+}
+
+
+@pytest.mark.parametrize("case", CHAIN_CASES)
+def test_bad_tx_chain_is_dropped(uds, case, caplog):
+    caplog.set_level(logging.WARNING)
+    out = hostile(uds, case, n=2)
+    reason = CHAIN_CASES[case]
+    assert out.done == {"n": "2", "used_len": "0", "replies": "0"}, out.run.explain()
+    assert out.queue_errors[1] == {reason: 2}, out.queue_errors
+    assert logged(caplog, reason) == 1
+    assert out.snapshot["queues"][1]["broken"] is None
+    assert "DEVICE_NEEDS_RESET" not in out.snapshot["status"]
+
+
+@pytest.mark.parametrize("case", ["rx-addr-outside", "rx-addr-hole", "rx-addr-wrap"])
+def test_bad_rx_buffer_address_is_dropped(uds, case, caplog):
+    caplog.set_level(logging.WARNING)
+    out = hostile(uds, case, n=2)
+    reason = "descriptor buffer outside guest memory"
+    assert out.done["rx_dropped"] == "2", out.run.explain()      # returned with used.len 0
+    assert out.queue_errors[0] == {reason: 2}, out.queue_errors
+    assert logged(caplog, reason) == 1
+    assert out.vsock["rx_bad_buffers"] == 0
+
+
+def test_rx_buffer_shorter_than_header(uds, caplog):
+    caplog.set_level(logging.WARNING)
+    out = hostile(uds, "rx-small", n=2)
+    reason = "rx buffer shorter than the 44-byte header"
+    assert out.done["rx_dropped"] == "2", out.run.explain()
+    assert out.vsock["rx_bad_buffers"] == 2
+    assert out.reasons() == {reason: 2}
+    assert logged(caplog, reason) == 1
+
+
+# --- wrong lengths -----------------------------------------------------------------
+
+def test_header_shorter_than_44_bytes(uds, caplog):
+    caplog.set_level(logging.WARNING)
+    out = hostile(uds, "tx-short-hdr", n=2)
+    reason = "tx chain shorter than the header"
+    assert out.done == {"n": "2", "replies": "0"}, out.run.explain()   # no header: nothing to answer
+    assert out.vsock["tx_bad_chains"] == 2
+    # the probe's RW (for no connection) is the only other guest error
+    assert out.reasons() == {reason: 2, "guest packet for an unknown connection": 1}
+    assert logged(caplog, reason) == 1
+
+
+@pytest.mark.parametrize("case, reasons", [
+    ("tx-len-over", {"tx hdr.len larger than the buffer": 2}),
+    ("tx-len-huge", {"tx hdr.len larger than 64 KiB": 2}),
+    ("tx-writable", {"tx chain with device-writable descriptors (ignored)": 2,
+                     "tx hdr.len larger than the buffer": 2}),
+])
+def test_bad_length_resets_the_connection(uds, case, reasons, caplog):
+    caplog.set_level(logging.WARNING)
+    out = hostile(uds, case, n=2)
+    assert out.done == {"n": "2", "conn_resets": "2"}, out.run.explain()
+    assert out.reasons() == reasons
+    assert out.vsock["tx_bad_chains"] == 2
+    assert out.vsock["conns_killed"] == 2
+    for reason in reasons:
+        assert logged(caplog, reason) == 1
+
+
+def test_len_smaller_than_payload_forwards_only_len(uds):
+    out = hostile(uds, "tx-len-under")
+    assert out.done == {"round": "0", "echoed": "10"}, out.run.explain()
+    assert out.reasons() == {}
+    assert out.vsock["tx_bad_chains"] == 0
+
+
+# --- a corrupt available ring: DEVICE_NEEDS_RESET -------------------------------------
+
+@pytest.mark.parametrize("case, reason", [
+    ("avail-jump", "avail.idx moved more than QueueSize entries ahead"),
+    ("head-range", "available ring entry (chain head) >= QueueSize"),
+])
+def test_corrupt_avail_ring_needs_reset(uds, case, reason):
+    out = hostile(uds, case)
+    done = out.done
+    status = int(done["status"], 16)
+    assert status & 0x40 and status & 0x04, out.run.explain()   # NEEDS_RESET, DRIVER_OK kept
+    assert int(done["isr"], 16) & 0x2, out.run.explain()        # configuration-change interrupt
+    assert done["used_idx"] == "0"                              # nothing consumed
+    assert out.queue_errors[1] == {reason: 1}, out.queue_errors
+    # the guest reset the device, and the second life works (the echo above)
+    assert "DEVICE_NEEDS_RESET" not in out.snapshot["status"]
+    assert out.snapshot["activated"]
+
+
+# --- credit ------------------------------------------------------------------------
+
+def test_credit_overrun_is_reset_and_counted(uds, caplog):
+    caplog.set_level(logging.WARNING)
+    out = hostile(uds, "credit-overrun", n=2)
+    reason = "guest exceeded the credit we advertised"
+    assert "sent 66536 bytes against buf_alloc 65536" in out.run.console, out.run.explain()
+    assert out.done == {"n": "2", "conn_resets": "2"}, out.run.explain()
+    assert out.vsock["credit_violations"] == 2
+    assert out.reasons() == {reason: 2}
+    assert logged(caplog, reason) == 1
+
+
+# --- packets for connections that do not exist ---------------------------------------
+
+def test_packets_for_no_connection_get_rst_but_rst_does_not(uds, caplog):
+    caplog.set_level(logging.WARNING)
+    out = hostile(uds, "no-conn", n=2)
+    reason = "guest packet for an unknown connection"
+    # RW, SHUTDOWN, CREDIT_UPDATE, CREDIT_REQUEST answered with RST (bits 0-3); the RST not
+    assert out.done == {"n": "2", "rst_mask": "0xf", "rst_for_rst": "0", "replies": "8"}, \
+        out.run.explain()
+    assert out.reasons() == {reason: 2 * 4 + 1}     # + the probe
+    assert out.vsock["rst_received"] == 2
+    assert logged(caplog, reason) == 1
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("unknown-op", "guest packet with an unknown op"),
+    ("rw-after-shutdown", "guest RW after its SHUTDOWN(SEND)"),
+])
+def test_protocol_violation_on_a_connection_resets_it(uds, case, reason):
+    out = hostile(uds, case, n=2)
+    assert out.done == {"n": "2", "conn_resets": "2"}, out.run.explain()
+    assert out.reasons() == {reason: 2}
+    assert out.vsock["conns_killed"] == 2
+
+
+def test_unknown_type_gets_rst(uds):
+    out = hostile(uds, "unknown-type", n=2)
+    done = out.done
+    assert (done["rsts"], done["responses"], done["type_echoed"]) == ("2", "0", "2"), out.run.explain()
+    assert out.reasons()["guest packet of an unknown or unnegotiated type"] == 2
+    assert out.vsock["guest_connects"] == 1         # only the echo
+
+
+def test_seqpacket_when_not_negotiated_gets_rst(uds):
+    out = hostile(uds, "seqpacket-unneg", n=2)
+    done = out.done
+    assert not int(done["features"], 16) & 0x2, out.run.explain()   # F_SEQPACKET not acked
+    assert out.snapshot["driver_features"] & 0x2 == 0
+    assert (done["rsts"], done["responses"]) == ("2", "0"), out.run.explain()
+    assert out.reasons()["guest packet of an unknown or unnegotiated type"] == 2
+    assert out.vsock["guest_connects"] == 1
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("bad-src-cid", "guest packet with a src_cid other than its own (dropped)"),
+    ("bad-dst-cid", "guest packet for a CID other than the host (dropped)"),
+])
+def test_wrong_cid_is_dropped_silently(uds, case, reason):
+    out = hostile(uds, case, n=2)
+    done = out.done
+    assert (done["rsts"], done["responses"]) == ("0", "0"), out.run.explain()
+    assert out.reasons()[reason] == 2
+    assert out.vsock["guest_connects"] == 1 and out.vsock["conns_refused"] == 0
+
+
+# --- a REQUEST flood past the connection table's bound -----------------------------------
+
+def test_request_flood_is_bounded(uds, tmp_path):
+    sink = EchoHost(f"{uds}_{FLOOD_PORT}", backlog=2048, serve=False)   # connects, never accepted
+    try:
+        out = hostile(uds, "request-flood", extra="count=1100")
+    finally:
+        sink.close()
+    done = out.done
+    assert done == {"requests": "1100", "responses": "1023", "rsts": "77", "reset": "1023"}, \
+        out.run.explain()
+    v = out.vsock
+    assert v["conns_refused"] == 77 and v["guest_connects"] == 1023 + 1, v
+    assert v["conns_added"] == v["conns_removed"] == 1024, v
+    assert v["connections"] == 0 and v["control_dropped"] == 0, v
+    assert out.reasons()["connection table full: REQUEST refused"] == 77
+
+
+# --- the transport: notifies before DRIVER_OK, unusable queues --------------------------
+
+def test_notify_before_driver_ok_is_dropped(uds):
+    never = EchoHost(f"{uds}_{EARLY_PORT}", serve=False)
+    try:
+        out = hostile(uds, "notify-early")
+        assert not never.pending(), "the REQUEST queued before DRIVER_OK was processed"
+    finally:
+        never.close()
+    assert out.done["used_idx"] == "0", out.run.explain()
+    assert out.snapshot["notifies_before_driver_ok"] == 3
+    assert out.transport_errors == {"QueueNotify before DRIVER_OK (dropped)": 3}
+    assert out.vsock["guest_connects"] == 1         # only the echo
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("qsize-npot", "QueueSize is not a power of two"),
+    ("ring-misaligned", "descriptor table misaligned"),
+    ("ring-outside", "descriptor table outside guest memory"),
+    ("ring-hole", "used ring outside guest memory"),
+    ("ring-wrap", "available ring outside guest memory"),
+])
+def test_bad_queue_configuration_is_refused(uds, case, reason):
+    out = hostile(uds, case)
+    done = out.done
+    assert done["queue_ready"] == "0", out.run.explain()
+    assert int(done["status"], 16) & 0x40, out.run.explain()    # DEVICE_NEEDS_RESET
+    assert out.transport_errors == {f"QueueReady=1 refused: {reason}": 1}, out.transport_errors
+    assert "DEVICE_NEEDS_RESET" not in out.snapshot["status"]   # cleared by the reset
+    assert out.snapshot["activated"]
+
+
+def test_rst_flood_with_rx_starved_is_bounded(uds):
+    """1000 packets for no connection while the guest reposts no rx buffer:
+    64 RSTs fill the posted buffers, MAX_CONTROL_PACKETS (256) wait, the rest
+    are dropped and counted; none is lost after that, nothing grows."""
+    from pyvmm.vsock.muxer import MAX_CONTROL_PACKETS
+    held = 64 + MAX_CONTROL_PACKETS
+    out = hostile(uds, "rst-flood", extra=f"count=1000 expect={held}")
+    assert out.done == {"sent": "1000", "rsts": str(held)}, out.run.explain()
+    v = out.vsock
+    assert v["control_dropped"] == 1000 - held, v
+    assert v["rst_sent"] == held + 2, v             # + the probe's, + closing the echo
+    assert out.reasons()["control queue full: RST dropped"] == 1000 - held
+
+
+def test_bad_register_accesses_are_counted(uds):
+    out = hostile(uds, "mmio-width")
+    done = out.done
+    assert done["st16"] == "0x0" and done["misaligned"] == "0x0" and done["wo"] == "0x0", done
+    assert done["cid_after"] == done["cid"] == "3", done            # config space is read-only
+    assert int(done["status"], 16) == 0xF, done
+    assert out.transport_errors == {
+        "control register access not 32-bit aligned": 3,
+        "write to a read-only register": 1,
+        "read of a write-only register": 1,
+        "write to an undefined register": 1,
+        "write to read-only device config space": 1,       # guest_cid
+    }, out.transport_errors
+    assert out.snapshot["notifies_before_driver_ok"] == 0
+
+
+@pytest.mark.parametrize("case", ["rst-bad-len", "rst-bad-type", "rst-wrong-type"])
+def test_malformed_rst_on_a_connection_is_not_answered(uds, case):
+    """The guest resets a connection with an RST that has one field wrong.
+    Whatever pyvmm makes of it, it must not answer an RST with an RST, and
+    the connection must be gone (Linux: virtio_transport_reset_no_sock never
+    replies to an RST)."""
+    out = hostile(uds, case, n=2)
+    assert out.done == {"n": "2", "answered": "0"}, out.run.explain()
