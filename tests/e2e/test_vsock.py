@@ -286,7 +286,7 @@ def test_guest_side_results(session):
     # the device saw no protocol violations from this well-behaved guest.  A packet for a
     # connection pyvmm already closed is not one: on a slow host (the lab under load) our
     # 2 s close timeout can fire before the guest's own SHUTDOWN/RST, and its late packet
-    # is then answered with an RST, as the spec says; seen once in 5 runs.
+    # is then answered with an RST, as the spec says (seen once here, in a CI run under load).
     c = run.vsock
     errors = dict(c["guest_errors_by_reason"])
     late = errors.pop("guest packet for an unknown connection", 0)
