@@ -2,6 +2,7 @@
 #
 #   make demo    boot the default guest and show it working
 #   make test    the whole test suite (unit, KVM-level, Linux boot, end-to-end)
+#   make bench   the benchmarks, side by side with ceilings and QEMU (bench-quick: < 2 min)
 #
 # Each does its own set-up on a fresh Debian machine: apt packages (deps), a
 # virtualenv with pyvmm installed (venv), the guest kernel (kernel) and guest
@@ -21,7 +22,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k serial -x"
 PYTEST_ARGS ?=
 
-.PHONY: all demo test unit deps venv kernel guest freestanding initramfs clean distclean
+.PHONY: all demo test unit bench bench-quick deps venv kernel guest freestanding initramfs clean distclean
 
 all: kernel guest venv
 
@@ -59,6 +60,13 @@ demo: venv kernel guest
 
 test: venv kernel guest
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Benchmarks (never pass/fail): a table on stdout, JSON in bench/results/ (bench/README.md)
+bench: venv guest
+	$(PY) -m bench
+
+bench-quick: venv guest
+	$(PY) -m bench --quick
 
 # Tests that need neither KVM nor built images.
 unit: venv

@@ -1,0 +1,1 @@
+"""pyvmm's benchmarks: vsock against its ceilings and against QEMU (bench/README.md)."""
