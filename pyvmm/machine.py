@@ -36,7 +36,7 @@ from typing import BinaryIO
 from . import layout
 from .boot import bootinfo, mptable, x86
 from .boot.cmdline import Cmdline
-from .boot.loader import EntryMode, LoadedKernel, load_initrd, load_kernel
+from .boot.loader import EntryMode, load_initrd, load_kernel
 from .devices.boot_timer import BootTimer
 from .devices.bus import Bus
 from .devices.i8042 import I8042
@@ -51,6 +51,9 @@ log = logging.getLogger("pyvmm")
 
 #: the signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing)
 KICK_SIGNAL = signal.SIGRTMIN
+#: signals meant for the process (Ctrl-C, kill, hang-up): only the main thread takes them
+_MAIN_THREAD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                        signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2}
 
 DEFAULT_CMDLINE = ("console=ttyS0", "reboot=k", "panic=-1", "pci=off", "io_delay=none")
 
@@ -354,16 +357,26 @@ class Machine:
 
     # -- running ----------------------------------------------------------------
     def start(self) -> None:
-        """Start the devices' I/O threads and one thread per vCPU; returns at once."""
-        for slot in self.virtio_slots:
-            slot.device.start()
-        for vcpu in self.vcpus:
-            t = threading.Thread(target=self._vcpu_loop, args=(vcpu,),
-                                 name=f"vcpu{vcpu.index}", daemon=True)
-            self._threads.append(t)
-            t.start()
-        if self.config.stdin is not None:
-            threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
+        """Start the devices' I/O threads and one thread per vCPU; returns at once.
+
+        The threads are created with the process's termination signals blocked
+        (they inherit the mask), so SIGINT and friends reach the main thread:
+        a signal taken by a worker thread would only set Python's flag, and a
+        main thread sleeping in :meth:`wait` would not see it until its timeout.
+        The vCPU kick signal stays deliverable."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
+        try:
+            for slot in self.virtio_slots:
+                slot.device.start()
+            for vcpu in self.vcpus:
+                t = threading.Thread(target=self._vcpu_loop, args=(vcpu,),
+                                     name=f"vcpu{vcpu.index}", daemon=True)
+                self._threads.append(t)
+                t.start()
+            if self.config.stdin is not None:
+                threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Block until the run ends (or ``timeout``, defaulting to the config's).

@@ -10,6 +10,7 @@ hanging the suite.  :func:`run_guest` boots and waits for the end;
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -148,3 +149,43 @@ def run_guest(kernel, *, timeout: float = 60.0, **kw) -> GuestRun:
 def freestanding(scenario: str, **kw) -> GuestRun:
     """Boot the freestanding test guest with ``scenario`` as its command line."""
     return run_guest(images.freestanding_guest(), cmdline=scenario, **kw)
+
+
+# --- the Firecracker-style Unix host end, as a host program uses it ---------------------------
+def connect_unix(uds: str, port: int, kind=socket.SOCK_STREAM, timeout: float = 60) -> socket.socket:
+    """Host-initiated vsock connection: ``CONNECT <port>\\n`` on ``uds``, expect
+    ``OK <host_port>\\n`` (one record each on a SOCK_SEQPACKET socket)."""
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.settimeout(timeout)
+    s.connect(uds)
+    s.sendall(f"CONNECT {port}\n".encode())
+    if kind == socket.SOCK_SEQPACKET:
+        reply = s.recv(64)
+    else:
+        reply = b""
+        while not reply.endswith(b"\n"):
+            c = s.recv(1)              # byte by byte: what follows the line is payload
+            if not c:
+                break
+            reply += c
+    if not re.fullmatch(rb"OK \d+\n", reply):
+        s.close()
+        raise ConnectionRefusedError(f"CONNECT {port}: got {reply!r}")
+    return s
+
+
+def listen_unix(path: str, kind=socket.SOCK_STREAM, timeout: float = 60) -> socket.socket:
+    """A listener where guest-initiated connections to that port arrive (``<uds>_<port>``)."""
+    s = socket.socket(socket.AF_UNIX, kind)
+    s.bind(path)
+    s.listen(128)
+    s.settimeout(timeout)
+    return s
+
+
+def recv_all(s: socket.socket, limit: int = 1 << 30) -> bytes:
+    """Read until EOF (or ``limit`` bytes)."""
+    out = bytearray()
+    while len(out) < limit and (chunk := s.recv(min(1 << 16, limit - len(out)))):
+        out += chunk
+    return bytes(out)

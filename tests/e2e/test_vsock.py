@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import socket
 import subprocess
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import LiveGuest
+from harness import LiveGuest, connect_unix, recv_all
 from pyvmm import images
 from pyvmm.machine import ExitStatus, VsockConfig
 
@@ -153,37 +152,6 @@ def session(tmp_path_factory):
         s.close()
 
 
-def connect_unix(uds: str, port: int, kind=socket.SOCK_STREAM, timeout=60) -> socket.socket:
-    """Firecracker's host-initiated handshake: CONNECT <port>\\n -> OK <host_port>\\n."""
-    s = socket.socket(socket.AF_UNIX, kind)
-    s.settimeout(timeout)
-    s.connect(uds)
-    s.sendall(f"CONNECT {port}\n".encode())
-    if kind == socket.SOCK_SEQPACKET:
-        reply = s.recv(64)
-    else:
-        reply = b""
-        while not reply.endswith(b"\n"):
-            c = s.recv(1)
-            if not c:
-                break
-            reply += c
-    if not re.fullmatch(rb"OK \d+\n", reply):
-        s.close()
-        raise ConnectionRefusedError(f"CONNECT {port}: got {reply!r}")
-    return s
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return bytes(buf)
-
-
 # --- host-initiated ---------------------------------------------------------------------
 def test_64_concurrent_host_connections_echo(session):
     uds = session["uds"]
@@ -195,7 +163,7 @@ def test_64_concurrent_host_connections_echo(session):
             with connect_unix(uds, 1234) as s:
                 s.sendall(payload)
                 s.shutdown(socket.SHUT_WR)
-                results[i] = recv_exact(s, len(payload) + 1) == payload
+                results[i] = recv_all(s, len(payload) + 1) == payload
         except OSError as e:
             results[i] = repr(e)
 
@@ -219,7 +187,7 @@ def test_python_api_connect(session):
         s.settimeout(60)
         s.sendall(b"api" * 5000)
         s.shutdown(socket.SHUT_WR)
-        assert recv_exact(s, 15001) == b"api" * 5000
+        assert recv_all(s, 15001) == b"api" * 5000
 
 
 def test_seqpacket_host_to_guest_keeps_message_boundaries(session):

@@ -26,7 +26,7 @@ import time
 import pytest
 
 import teststream
-from harness import LiveGuest
+from harness import LiveGuest, connect_unix, listen_unix, recv_all
 from pyvmm import images
 from pyvmm.kvm.host import detect
 from pyvmm.machine import ExitStatus, VsockConfig
@@ -45,38 +45,6 @@ def uds(tmp_path):
 def guest(uds, scenario, timeout=120):
     return LiveGuest(images.freestanding_guest(), cmdline=scenario, timeout=timeout,
                      vsock=VsockConfig(3, uds))
-
-
-def connect_unix(uds, port, kind=socket.SOCK_STREAM):
-    s = socket.socket(socket.AF_UNIX, kind)
-    s.settimeout(60)
-    s.connect(uds)
-    s.sendall(f"CONNECT {port}\n".encode())
-    reply = s.recv(64) if kind == socket.SOCK_SEQPACKET else b""
-    while kind == socket.SOCK_STREAM and not reply.endswith(b"\n"):
-        c = s.recv(1)
-        if not c:
-            break
-        reply += c
-    if not re.fullmatch(rb"OK \d+\n", reply):
-        s.close()
-        raise ConnectionRefusedError(f"CONNECT {port}: {reply!r}")
-    return s
-
-
-def recv_all(s, limit=1 << 30):
-    out = bytearray()
-    while len(out) < limit and (chunk := s.recv(1 << 16)):
-        out += chunk
-    return bytes(out)
-
-
-def listen_unix(path, kind=socket.SOCK_STREAM):
-    s = socket.socket(socket.AF_UNIX, kind)
-    s.bind(path)
-    s.listen(64)
-    s.settimeout(60)
-    return s
 
 
 def echo_one(listener, records=False):

@@ -1,6 +1,5 @@
 """Decoding the kvm_run union into typed exits, and dispatching them to the buses (no KVM)."""
 
-import ctypes
 
 import pytest
 
