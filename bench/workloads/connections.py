@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 
-from ..common import (Context, GuestProcess, NotAvailable, WorkloadFailed, guest_has, percentiles,
-                      pyvmm_argv, read_line, recv_exact)
+from ..common import (Context, GuestProcess, NotAvailable, WorkloadFailed, accept, guest_has,
+                      percentiles, pyvmm_argv, read_line, recv_exact, unix_listener)
 from . import metric, workload
 
 PORT = 1234
+G2H_PORT = 2000
 MESSAGE = bytes(range(64))
 
 metric("pyvmm.conn.h2g.rate", "conn/s", "higher", "pyvmm connections/s host->guest")
@@ -69,12 +71,32 @@ def pyvmm_conn_h2g(ctx: Context) -> dict[str, float]:
 def pyvmm_conn_g2h(ctx: Context) -> dict[str, float]:
     """pyvmm, guest -> host connections per second.
 
-    Needs a guest scenario that connects to CID 2 in a loop (connect, 64-byte
-    echo, close, K times); the freestanding guest's ``vsock-echo-client``
-    makes one connection per boot, so this is "not available" until such a
-    scenario (e.g. ``vsock-connect-loop port=P count=K size=64``) exists."""
+    Guest: ``vsock-connect-loop port=2000 count=K size=64``: K times in a row,
+    connect to CID 2 port 2000 (pyvmm dials ``<uds>_2000``), send 64 bytes,
+    read the echo, close (SHUTDOWN, then the host's RST).  Host: accepts each
+    connection on ``<uds>_2000`` and echoes it.  Rate = K / host time from the
+    first accept to the last connection's end.  K is 2,000 (500 quick)."""
     elf = ctx.need_elf()
     if not guest_has(elf, "vsock-connect-loop"):
         raise NotAvailable("the guest has no connect-loop scenario (vsock-echo-client "
                            "makes one connection per boot)")
-    raise NotAvailable("vsock-connect-loop exists in the guest but is not wired here yet")
+    k = 500 if ctx.quick else 2_000
+    uds = ctx.path("conng.sock")
+    listener = unix_listener(Path(f"{uds}_{G2H_PORT}"))
+    buf = bytearray(4096)
+    try:
+        with GuestProcess(pyvmm_argv(elf, f"vsock-connect-loop port={G2H_PORT} count={k} size=64",
+                                     uds), "pyvmm", stderr_path=ctx.stderr("pyvmm-conng")) as guest:
+            t0 = None
+            for i in range(k):
+                conn = accept(listener, guest)
+                t0 = t0 if t0 is not None else time.perf_counter()
+                with conn:
+                    while n := conn.recv_into(buf):
+                        conn.sendall(memoryview(buf)[:n])
+            dt = time.perf_counter() - t0
+            guest.wait_for(rf"^vsock connect loop {k} connections in \d+ ticks$")
+            guest.expect_exit0()
+    finally:
+        listener.close()
+    return {"pyvmm.conn.g2h.rate": k / dt}

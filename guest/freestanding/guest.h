@@ -60,10 +60,12 @@ void scenario_smp(const struct args *a) __attribute__((noreturn));
 void scenario_virtio_probe(const struct args *a) __attribute__((noreturn));
 void scenario_console_echo(const struct args *a) __attribute__((noreturn));
 void scenario_console_bulk_send(const struct args *a) __attribute__((noreturn));
+void scenario_console_bulk_recv(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_echo_server(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_echo_client(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_bulk_send(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_bulk_recv(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_connect_loop(const struct args *a) __attribute__((noreturn));
 /* hostile.c: a driver that breaks the rules on purpose, one case per run */
 void scenario_hostile(const struct args *a) __attribute__((noreturn));
 

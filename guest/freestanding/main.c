@@ -29,10 +29,12 @@ static const struct scenario {
 	{ "virtio-probe", scenario_virtio_probe },
 	{ "console-echo", scenario_console_echo },
 	{ "console-bulk-send", scenario_console_bulk_send },
+	{ "console-bulk-recv", scenario_console_bulk_recv },
 	{ "vsock-echo-server", scenario_vsock_echo_server },
 	{ "vsock-echo-client", scenario_vsock_echo_client },
 	{ "vsock-bulk-send", scenario_vsock_bulk_send },
 	{ "vsock-bulk-recv", scenario_vsock_bulk_recv },
+	{ "vsock-connect-loop", scenario_vsock_connect_loop },
 	{ "hostile", scenario_hostile },
 };
 

@@ -27,6 +27,7 @@
  * Scenarios (README.md, "Scenarios"):
  *   console-echo [bytes=N] [port=P] [idle=TICKS]   echo every byte received
  *   console-bulk-send bytes=N [chunk=S] [port=P]   send N bytes of the test stream
+ *   console-bulk-recv bytes=N [port=P]             receive and check N bytes of it
  */
 #include <stdint.h>
 
@@ -365,6 +366,81 @@ void scenario_console_bulk_send(const struct args *a)
 
 	say_stats();
 	say("console bulk sent %lu bytes fnv %lx in %lu ticks", (unsigned long)sent,
+	    (unsigned long)hash, (unsigned long)ticks);
+	say_tsc_frequency();
+	guest_exit(0);
+}
+
+void scenario_console_bulk_recv(const struct args *a)
+{
+	uint64_t total = 0, idle = IDLE_TSC_DEFAULT, got = 0, start = 0;
+	uint64_t hash = FNV1A64_OFFSET, mismatch_at = 0;       /* first bad byte + 1 */
+	struct teststream s;
+
+	if (!arg_value(a, "bytes")) {
+		say("console-bulk-recv: needs bytes=N");
+		guest_exit(1);
+	}
+	arg_u64(a, "bytes", &total, 0, UINT64_MAX);
+	arg_u64(a, "idle", &idle, 1, UINT64_MAX);
+	console_open(a, idle);
+	teststream_init(&s);
+
+	/* The time runs from the first byte received to the last. */
+	uint64_t last = rdtsc();
+
+	while (got < total) {
+		uint32_t len;
+		uint8_t *in = virtq_get_used(&rxq, &len);
+
+		if (!in) {
+			virtq_kick(&rxq);       /* re-posted buffers go back here */
+			if (control_poll(idle)) {
+				last = rdtsc();
+			} else if (rdtsc() - last > idle) {
+				say_stats();
+				say("console bulk recv: timeout: %lu of %lu bytes after %lu idle ticks",
+				    (unsigned long)got, (unsigned long)total, (unsigned long)idle);
+				guest_exit(1);
+			}
+			cpu_relax();
+			continue;
+		}
+		last = rdtsc();
+		if (!got && len)
+			start = last;
+		if (len > CONSOLE_BUF_SIZE) {
+			say("console: device wrote %u bytes into a %u-byte buffer",
+			    len, CONSOLE_BUF_SIZE);
+			guest_exit(1);
+		}
+		if (got + len > total) {
+			say("console bulk recv: FAILED: %lu bytes (want %lu): more than asked for",
+			    (unsigned long)(got + len), (unsigned long)total);
+			guest_exit(1);
+		}
+		size_t good = teststream_check(&s, in, len);
+
+		if (good != len && !mismatch_at)
+			mismatch_at = got + good + 1;
+		hash = fnv1a64(hash, in, len);
+		got += len;
+
+		struct virtq_buf b = { in, CONSOLE_BUF_SIZE };
+
+		virtq_add(&rxq, &b, 0, 1, in);  /* re-post; kicked when idle */
+	}
+	virtq_kick(&rxq);
+
+	uint64_t ticks = total ? rdtsc() - start : 0;
+
+	say_stats();
+	if (mismatch_at) {
+		say("console bulk recv: FAILED: %lu bytes (want %lu), first bad byte %lu",
+		    (unsigned long)got, (unsigned long)total, (unsigned long)(mismatch_at - 1));
+		guest_exit(1);
+	}
+	say("console bulk received %lu bytes fnv %lx in %lu ticks", (unsigned long)got,
 	    (unsigned long)hash, (unsigned long)ticks);
 	say_tsc_frequency();
 	guest_exit(0);

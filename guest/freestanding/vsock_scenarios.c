@@ -6,6 +6,7 @@
  *   vsock-echo-client port=P size=S count=N [type=stream|seqpacket] [cid=C]
  *   vsock-bulk-send port=P bytes=N [chunk=S] [listen=1] [cid=C]
  *   vsock-bulk-recv port=P bytes=N [listen=1] [cid=C]
+ *   vsock-connect-loop port=P count=K [size=S] [cid=C]
  * and, for all: idle=TICKS (IDLE_TSC_DEFAULT), how long nothing may happen
  * before the scenario gives up with a "timeout" line and exit 1.
  *
@@ -479,6 +480,77 @@ void scenario_vsock_bulk_recv(const struct args *a)
 		say("vsock bulk recv: close: %s", why);
 	say("vsock bulk received %lu bytes fnv %lx in %lu ticks", (unsigned long)rx.bytes,
 	    (unsigned long)rx.hash, (unsigned long)ticks);
+	say_tsc_frequency();
+	vsock_say_stats();
+	guest_exit(0);
+}
+
+/* --- vsock-connect-loop --------------------------------------------------- */
+
+/*
+ * K times: connect to cid:port, send `size` bytes of the test stream, wait
+ * for them back, close cleanly (SHUTDOWN(both), the peer's RST).  The
+ * streams run on across connections, so every byte is checked.  Only then
+ * the next connection: the rate is that of one connection at a time.
+ */
+void scenario_vsock_connect_loop(const struct args *a)
+{
+	uint32_t port = need_port(a);
+	uint64_t size = 64, count = 1, cid, tx_hash = FNV1A64_OFFSET;
+	struct teststream tx;
+
+	arg_u64(a, "size", &size, 1, 1ull << 32);
+	arg_u64(a, "count", &count, 1, UINT64_MAX);
+	common_args(a, &cid);
+	vsock_open(a, idle);
+	reset_rx(0);
+	teststream_init(&tx);
+
+	uint64_t start = rdtsc();
+
+	for (uint64_t i = 1; i <= count; i++) {
+		struct vsock_conn *c = vsock_connect(cid, port, VIRTIO_VSOCK_TYPE_STREAM,
+						     init_checked_rx);
+		uint64_t last = rdtsc();
+
+		if (!c) {
+			say("vsock connect loop: FAILED: connection %lu of %lu: connect failed",
+			    (unsigned long)i, (unsigned long)count);
+			vsock_say_stats();
+			guest_exit(1);
+		}
+		send_stream(c, &tx, size, VSOCK_TX_PAYLOAD, &tx_hash, "vsock connect loop");
+		while (rx.bytes < i * size) {
+			if (c->state != VSOCK_ESTABLISHED) {
+				say("vsock connect loop: FAILED: connection %lu of %lu ended "
+				    "after %lu of %lu echoed bytes: %s", (unsigned long)i,
+				    (unsigned long)count, (unsigned long)(rx.bytes - (i - 1) * size),
+				    (unsigned long)size, c->why ? c->why : "closed by peer");
+				vsock_say_stats();
+				guest_exit(1);
+			}
+			idle_step(&last, vsock_poll(), "vsock connect loop");
+		}
+		uint64_t timeouts = vsock_stats.close_timeouts;
+		const char *why = close_and_wait(c, "vsock connect loop");
+
+		if (!why && vsock_stats.close_timeouts != timeouts)
+			why = "no RST from the peer after our SHUTDOWN (close timeout)";
+		if (why || rx.mismatch_at || rx.bytes != i * size) {
+			say("vsock connect loop: FAILED: connection %lu of %lu: %lu of %lu bytes "
+			    "back, first bad byte %ld, close: %s", (unsigned long)i,
+			    (unsigned long)count, (unsigned long)rx.bytes,
+			    (unsigned long)(i * size), (long)rx.mismatch_at - 1,
+			    why ? why : "clean");
+			vsock_say_stats();
+			guest_exit(1);
+		}
+	}
+	uint64_t ticks = rdtsc() - start;
+
+	say("vsock echo ok %lu", (unsigned long)rx.bytes);
+	say("vsock connect loop %lu connections in %lu ticks", (unsigned long)count,
+	    (unsigned long)ticks);
 	say_tsc_frequency();
 	vsock_say_stats();
 	guest_exit(0);
