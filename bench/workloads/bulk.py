@@ -167,10 +167,9 @@ def qemu_g2h(ctx: Context) -> dict[str, float]:
 def qemu_h2g(ctx: Context) -> dict[str, float]:
     """QEMU (the peer), host -> guest over virtio-serial.
 
-    Needs a guest scenario that receives a byte count on the console port
-    (``console-bulk-recv bytes=N port=1``); the guest has ``console-echo``
-    and ``console-bulk-send`` only, so this reports "not available" until it
-    exists (the echo-stream workload moves bytes both ways meanwhile)."""
+    Guest: ``console-bulk-recv bytes=N port=1`` checks every byte of the test
+    stream; the host writes it in writes of S to the chardev socket, timed
+    from the first write to the guest's "console bulk received" line."""
     elf, qemu = ctx.need_elf(), ctx.need_qemu()
     if not guest_has(elf, "console-bulk-recv"):
         raise NotAvailable("the guest has no console-bulk-recv scenario")
