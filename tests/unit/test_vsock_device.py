@@ -19,28 +19,12 @@ from pyvmm.virtio.device import DeviceStatus, VirtioFeature, feature_mask
 from pyvmm.vsock.connection import CONN_SHUTDOWN_TIMEOUT, CONN_TX_BUF_SIZE
 from pyvmm.vsock.muxer import HOST_PORT_FIRST
 from pyvmm.vsock.packet import VirtioVsockFeature, VirtioVsockSeqFlag, VirtioVsockShutdown
-from vsock_guest import GUEST_CID, HOST_CID, SEQPACKET, STREAM, Guest, Op, hdr
+from vsock_guest import GUEST_CID, HOST_CID, SEQPACKET, STREAM, Guest, Op, hdr, ops
 
 RCV = VirtioVsockShutdown.VIRTIO_VSOCK_SHUTDOWN_RCV
 SEND = VirtioVsockShutdown.VIRTIO_VSOCK_SHUTDOWN_SEND
 EOM = VirtioVsockSeqFlag.VIRTIO_VSOCK_SEQ_EOM
 EOR = VirtioVsockSeqFlag.VIRTIO_VSOCK_SEQ_EOR
-
-
-@pytest.fixture
-def uds(tmp_path):
-    return str(tmp_path / "v.sock")
-
-
-@pytest.fixture
-def guest(uds):
-    g = Guest(uds)
-    yield g
-    g.close()
-
-
-def ops(packets):
-    return [h.op for h, _ in packets]
 
 
 def guest_listen_accept(g, port, sock_connect):

@@ -8,23 +8,7 @@ import socket
 import pytest
 
 from pyvmm.vsock.unix import CONNECT_LINE_MAX, CONNECT_TIMEOUT, parse_connect_line
-from vsock_guest import GUEST_CID, SEQPACKET, STREAM, Guest, Op, hdr
-
-
-@pytest.fixture
-def uds(tmp_path):
-    return str(tmp_path / "v.sock")
-
-
-@pytest.fixture
-def guest(uds):
-    g = Guest(uds)
-    yield g
-    g.close()
-
-
-def ops(pkts):
-    return [h.op for h, _ in pkts]
+from vsock_guest import GUEST_CID, SEQPACKET, STREAM, Guest, Op, hdr, ops
 
 
 @pytest.mark.parametrize("line,port", [

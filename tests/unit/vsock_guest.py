@@ -258,3 +258,8 @@ class FakeStream:
 
     def close(self):
         self.closed = True
+
+
+def ops(packets) -> list:
+    """The ops of a list of (header, payload) packets, for compact assertions."""
+    return [h.op for h, _ in packets]
