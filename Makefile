@@ -15,7 +15,7 @@ export PYVMM_CACHE ?= $(HOME)/.cache/pyvmm
 
 # Debian packages the builds and tests need.
 APT_PACKAGES := linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev \
-	xz-utils patch cpio busybox-static libc6-dev binutils qemu-system-x86 qemu-utils socat \
+	xz-utils patch cpio busybox-static libc6-dev binutils qemu-system-x86 qemu-utils socat kmod zstd \
 	gcc python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
