@@ -30,16 +30,7 @@ say() { printf 'kernel: %s\n' "$*"; }
 die() { printf 'kernel: ERROR: %s\n' "$*" >&2; exit 1; }
 
 # --- 0. tools: name every missing Debian package at once; the Makefile installs them.
-missing=()
-for pkg in linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils patch; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
-        || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    printf 'kernel: missing apt packages: %s\n' "${missing[*]}" >&2
-    printf 'kernel: install them with: apt-get install -y %s\n' "${missing[*]}" >&2
-    exit 2
-fi
+"$here/../scripts/check-packages" kernel linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev xz-utils patch
 [[ -r $tarball ]] || die "$tarball not found although linux-source-6.1 is installed"
 
 # --- cache key: the source version, not the 138 MB tarball, stands for the kernel source.

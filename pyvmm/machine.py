@@ -154,7 +154,7 @@ def handle_exit(exit_: exits.VcpuExit, pio: Bus, mmio: Bus) -> bool:
     return False
 
 
-#: what a few instructions the PVM CPL0 emulator lacks look like (host-facts.md)
+#: what a few instructions the PVM CPL0 emulator lacks look like (docs/pvm.md)
 _KNOWN_INSNS = (
     (b"\xcc", "INT3"), (b"\x0f\x01\xca", "CLAC"), (b"\x0f\x01\xcb", "STAC"),
     (b"\xf3\x0f\xb8", "POPCNT"), (b"\xf3\x48\x0f\xb8", "POPCNT"), (b"\x0f\xae", "XSAVE/XRSTOR family"),

@@ -72,7 +72,7 @@ _Static_assert(sizeof(struct virtio_vsock_hdr) == 44, "virtio 1.2 §5.10.6");
 /* Sizes chosen by this driver. */
 #define VSOCK_RX_PAYLOAD        4096    /* per posted rx buffer, after the header */
 #define VSOCK_TX_PAYLOAD        65536   /* largest RW payload sent (Linux: 64 KiB) */
-#define VSOCK_MAX_CONNS         64      /* 64 concurrent connections: issue 5 */
+#define VSOCK_MAX_CONNS         64      /* 64 concurrent connections, as tests/kvm asks */
 #define VSOCK_DEFAULT_BUF_ALLOC (256 * 1024)    /* as Linux's default */
 #define VSOCK_MAX_BOUNDARIES    256     /* SEQPACKET message ends buffered */
 

@@ -32,16 +32,7 @@ size_budget=$((3 * 1024 * 1024))
 say() { printf 'initramfs: %s\n' "$*"; }
 die() { printf 'initramfs: ERROR: %s\n' "$*" >&2; exit 1; }
 
-missing=()
-for pkg in busybox-static gcc libc6-dev binutils python3; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' \
-        || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    printf 'initramfs: missing apt packages: %s\n' "${missing[*]}" >&2
-    printf 'initramfs: install them with: apt-get install -y %s\n' "${missing[*]}" >&2
-    exit 2
-fi
+"$guest_dir/../scripts/check-packages" initramfs busybox-static gcc libc6-dev binutils python3
 [[ -x $busybox ]] || die "$busybox missing although busybox-static is installed"
 
 mapfile -t progs < <(find "$progs_dir" -maxdepth 1 -name '*.c' | LC_ALL=C sort)

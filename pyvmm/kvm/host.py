@@ -23,7 +23,7 @@ class KvmFlavour(enum.Enum):
 
 #: Kernel parameters that keep a stock Linux guest off instructions the PVM
 #: CPL0 emulator lacks (XRSTOR, POPCNT, CLAC/STAC, RDPID, FSGSBASE, INVPCID,
-#: PKU).  Measured in ../shared/host-facts.md; harmless on hardware KVM.
+#: PKU).  Seen on PVM hosts (docs/pvm.md); harmless on hardware KVM.
 PVM_CMDLINE = ("noxsave", "clearcpuid=smap,popcnt,rdpid", "nofsgsbase", "noinvpcid", "nopku")
 
 

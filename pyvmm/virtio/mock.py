@@ -7,7 +7,7 @@ device tests).  :class:`MockDriver` talks to a transport only through its
 bus interface (``read``/``write`` at register offsets), exactly as a vCPU
 would, and replays what Linux 6.1 does (``drivers/virtio/virtio.c``,
 ``virtio_mmio.c``, ``virtio_ring.c``), as recorded in
-/work/shared/host-facts.md ("status 0->1->3->0xB->0xF, VERSION_1 negotiated
+docs/pvm.md ("status 0->1->3->0xB->0xF, VERSION_1 negotiated
 via DeviceFeaturesSel=1, ... three 256-entry queues"):
 
 1. ``negotiate()``: read MagicValue, Version, DeviceID, VendorID; write

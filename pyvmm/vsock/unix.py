@@ -9,7 +9,7 @@ AF_UNIX socket.
 through: ``recvmsg_into`` straight into guest rx buffers, ``sendmsg`` straight
 from guest tx buffers (scatter/gather, no copy).
 
-:class:`UnixBackend` -- Firecracker's convention (``docs/vsock.md``,
+:class:`UnixBackend` -- Firecracker's convention (``firecracker/docs/vsock.md``,
 ``unix/muxer.rs``), so existing tooling (``socat``, Firecracker's test
 helpers) works unchanged:
 

@@ -1,7 +1,7 @@
 """The lab: run one command on a Linux machine with a real /dev/kvm (SVM semantics).
 
 Our development and CI hosts give pyvmm a /dev/kvm backed by PVM, on which a stock Linux
-guest cannot run userspace (see /work/shared/host-facts.md). The lab is the way round:
+guest cannot run userspace (see docs/pvm.md). The lab is the way round:
 
     host (PVM, no svm flag)
      └─ qemu-system-x86_64 -accel tcg -cpu EPYC,+svm       software CPU that has SVM

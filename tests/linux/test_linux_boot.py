@@ -11,7 +11,7 @@ driver must probe it, negotiate, fill the rx queue and post its event
 buffers, which is checked from pyvmm's transport state at the end.
 
 * PVM: the kernel boots to ``Run /init``; the first userspace SYSCALL then
-  fails (a PVM limit, ../shared/host-facts.md), init dies, the kernel panics
+  fails (a PVM limit, docs/pvm.md), init dies, the kernel panics
   and, with ``panic=-1 reboot=k``, resets through the i8042; pyvmm exits 0.
   pyvmm must have added its PVM command-line workarounds and said so.
 """
