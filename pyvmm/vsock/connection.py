@@ -28,8 +28,9 @@ side of the connection (as in Linux ``struct virtio_vsock_sock``; note that
 "tx_cnt" counts bytes we send to the guest, i.e. on the *rx* virtqueue):
 
 ==================== ====================================================
-``buf_alloc``        what we advertise: :data:`CONN_TX_BUF_SIZE`, the bound
-                     on guest bytes we hold for a slow host peer
+``buf_alloc``        what we advertise (:data:`CONN_TX_BUF_SIZE` unless the
+                     muxer gives less), the bound on guest bytes we hold
+                     for a slow host peer
 ``fwd_cnt``          guest bytes we have written to the host end
 ``last_fwd_cnt_to_peer``  the ``fwd_cnt`` in the last packet we sent
 ``rx_cnt``           guest payload bytes received
@@ -45,7 +46,8 @@ inconsistent).  A guest that sends beyond the window *we advertised*
 RST, counted.  That rule is also what bounds our per-connection buffer: guest
 bytes we could not yet write to the host (``rx_cnt - fwd_cnt``) never exceed
 ``buf_alloc``.  We send VIRTIO_VSOCK_OP_CREDIT_UPDATE when the guest's view
-of our free space is low (< :data:`CONN_CREDIT_UPDATE_THRESHOLD`) and the host
+of our free space is low (< :data:`CONN_CREDIT_UPDATE_THRESHOLD`, or a quarter of
+``buf_alloc`` if less) and the host
 has since consumed enough (>= the threshold, or everything), and in answer to
 VIRTIO_VSOCK_OP_CREDIT_REQUEST; any packet we send carries the same news, so
 a pending CREDIT_UPDATE is dropped when another packet goes out first.  When
@@ -115,14 +117,16 @@ from enum import Enum, IntFlag
 from typing import Callable, Protocol
 
 from ..virtio.queue import GuestErrorLog
-from .packet import (VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VMADDR_CID_HOST, RxBuffer, VirtioVsockOp,
-                     VirtioVsockSeqFlag, VirtioVsockShutdown, VirtioVsockType, VsockHeader, wrap32)
+from .packet import (BOTH, EOM, EOR, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
+                     OP_RST, OP_RW, OP_SHUTDOWN, RCV, SEND, SEQPACKET, VIRTIO_VSOCK_MAX_PKT_BUF_SIZE,
+                     VMADDR_CID_HOST, RxBuffer, VsockHeader, wrap32)
 
 __all__ = [
     "CONN_CREDIT_UPDATE_THRESHOLD",
     "CONN_REQUEST_TIMEOUT",
     "CONN_SHUTDOWN_TIMEOUT",
     "CONN_TX_BUF_SIZE",
+    "CONN_TX_BUF_SIZE_MIN",
     "Connection",
     "ConnState",
     "HostStream",
@@ -131,19 +135,18 @@ __all__ = [
     "SEQPACKET_MAX_QUEUED",
 ]
 
-Op = VirtioVsockOp
-RCV = VirtioVsockShutdown.VIRTIO_VSOCK_SHUTDOWN_RCV
-SEND = VirtioVsockShutdown.VIRTIO_VSOCK_SHUTDOWN_SEND
-BOTH = RCV | SEND
-EOM = VirtioVsockSeqFlag.VIRTIO_VSOCK_SEQ_EOM
-EOR = VirtioVsockSeqFlag.VIRTIO_VSOCK_SEQ_EOR
-SEQPACKET = VirtioVsockType.VIRTIO_VSOCK_TYPE_SEQPACKET
 
-#: our ``buf_alloc``: guest bytes we hold for a slow host peer (Firecracker: 64 KiB)
-CONN_TX_BUF_SIZE = 64 * 1024
-#: see "Credit" above.  Larger than Firecracker's 4 KiB so a guest streaming
-#: to a slow host is not woken for every page (one update per ~48 KiB)
-CONN_CREDIT_UPDATE_THRESHOLD = 16 * 1024
+#: our default ``buf_alloc``: the guest bytes one connection may make us hold for a slow host
+#: peer.  Linux's own default (VSOCK_DEFAULT_BUFFER_SIZE); Firecracker's 64 KiB stalls a guest
+#: that writes 64 KiB at a time after every write (one credit update per write, measured).
+#: The muxer may give a connection less (:data:`CONN_TX_BUF_SIZE_MIN`) under its global bound.
+CONN_TX_BUF_SIZE = 256 * 1024
+#: the smallest ``buf_alloc`` a connection gets (Firecracker's whole window)
+CONN_TX_BUF_SIZE_MIN = 64 * 1024
+#: see "Credit" above: as Linux's receiver, a CREDIT_UPDATE once the guest's view of our
+#: free space drops below one maximal packet (VIRTIO_VSOCK_MAX_PKT_BUF_SIZE) and the host
+#: has consumed at least as much (or everything); a quarter of the window if that is less
+CONN_CREDIT_UPDATE_THRESHOLD = 64 * 1024
 #: seconds to wait for the guest's RESPONSE to our REQUEST (Firecracker: 2 s)
 CONN_REQUEST_TIMEOUT = 2.0
 #: seconds to wait for the guest's RST after a SHUTDOWN (Firecracker: 2 s)
@@ -173,6 +176,17 @@ class PendingRx(IntFlag):
     RW = 16
     CREDIT_REQUEST = 32
     CREDIT_UPDATE = 64
+
+
+# The per-packet code works on plain ints (the wire values: see pyvmm.vsock.packet); the
+# enums stay the names at the API, in logs and in tests.
+P_RST = int(PendingRx.RST)
+P_RESPONSE = int(PendingRx.RESPONSE)
+P_REQUEST = int(PendingRx.REQUEST)
+P_SHUTDOWN = int(PendingRx.SHUTDOWN)
+P_RW = int(PendingRx.RW)
+P_CREDIT_REQUEST = int(PendingRx.CREDIT_REQUEST)
+P_CREDIT_UPDATE = int(PendingRx.CREDIT_UPDATE)
 
 
 class HostStream(Protocol):
@@ -242,6 +256,7 @@ class Connection:
                  vtype: int, stream: HostStream, metrics: collections.Counter,
                  errors: GuestErrorLog, host_errors: GuestErrorLog,
                  peer_buf_alloc: int = 0, peer_fwd_cnt: int = 0, preamble: bytes = b"",
+                 buf_alloc: int = CONN_TX_BUF_SIZE,
                  on_connect: Callable[[bool], None] | None = None) -> None:
         self.state = state
         self.local_cid = VMADDR_CID_HOST
@@ -254,14 +269,15 @@ class Connection:
         self.metrics = metrics
         self.errors = errors
         self.host_errors = host_errors
-        self.pending = PendingRx(0)
+        self.pending = 0
         self.expiry: float | None = None
         #: why the connection is being reset (for logs and tests), or None
         self.kill_reason: str | None = None
         #: True once the connection is finished: the muxer forgets it
         self.done = False
         # credit, see the table in the module docstring
-        self.buf_alloc = CONN_TX_BUF_SIZE
+        self.buf_alloc = buf_alloc
+        self.credit_update_threshold = min(CONN_CREDIT_UPDATE_THRESHOLD, buf_alloc // 4)
         self.fwd_cnt = 0
         self.last_fwd_cnt_to_peer = 0
         self.rx_cnt = 0
@@ -270,9 +286,9 @@ class Connection:
         self.tx_cnt = 0
         self.credit_requested = False
         # close bookkeeping
-        self.peer_shutdown = VirtioVsockShutdown(0)     # what the guest said (sticky)
-        self.local_shutdown = VirtioVsockShutdown(0)    # what we said (sticky)
-        self._shutdown_flags = VirtioVsockShutdown(0)   # the SHUTDOWN we owe
+        self.peer_shutdown = 0     # what the guest said (sticky)
+        self.local_shutdown = 0    # what we said (sticky)
+        self._shutdown_flags = 0   # the SHUTDOWN we owe
         self._host_eof = False                          # the host will send nothing more
         self._host_write_shut = False                   # we did shutdown(SHUT_WR)
         # guest -> host buffers
@@ -295,7 +311,7 @@ class Connection:
         conn = cls(state=ConnState.PEER_INIT, peer_cid=hdr.src_cid, local_port=hdr.dst_port,
                    peer_port=hdr.src_port, vtype=hdr.type, stream=stream,
                    peer_buf_alloc=hdr.buf_alloc, peer_fwd_cnt=hdr.fwd_cnt, **kw)
-        conn.pending = PendingRx.RESPONSE
+        conn.pending = P_RESPONSE
         return conn
 
     @classmethod
@@ -308,7 +324,7 @@ class Connection:
         """
         conn = cls(state=ConnState.LOCAL_INIT, peer_cid=peer_cid, local_port=local_port,
                    peer_port=peer_port, vtype=vtype, stream=stream, **kw)
-        conn.pending = PendingRx.REQUEST
+        conn.pending = P_REQUEST
         conn.expiry = now + CONN_REQUEST_TIMEOUT      # restarted when the REQUEST goes out
         return conn
 
@@ -341,9 +357,9 @@ class Connection:
         if unadvertised == 0:
             return
         seen_free = self.buf_alloc - wrap32(self.rx_cnt - self.last_fwd_cnt_to_peer)
-        if seen_free < CONN_CREDIT_UPDATE_THRESHOLD and (
-                unadvertised >= CONN_CREDIT_UPDATE_THRESHOLD or self._unforwarded() == 0):
-            self.pending |= PendingRx.CREDIT_UPDATE
+        threshold = self.credit_update_threshold
+        if seen_free < threshold and (unadvertised >= threshold or self._unforwarded() == 0):
+            self.pending |= P_CREDIT_UPDATE
 
     # -- what the muxer asks after every call ---------------------------------------
     def has_pending_rx(self) -> bool:
@@ -354,7 +370,7 @@ class Connection:
         rx buffer yet: level-triggered polling would spin), nor while the
         guest's window is shut and our CREDIT_REQUEST is out."""
         return (self._guest_may_receive() and not self._host_eof
-                and not self.pending & (PendingRx.RW | PendingRx.RST)
+                and not self.pending & (P_RW | P_RST)
                 and (not self.credit_requested or self.peer_credit() > 0))
 
     def want_write(self) -> bool:
@@ -375,15 +391,15 @@ class Connection:
         if self._rx_msg is not None and self.peer_credit() > 0:
             # The rest of a staged host SEQPACKET record can go now.  Nothing
             # else would say so: the host socket has nothing more to read.
-            self.pending |= PendingRx.RW
+            self.pending |= P_RW
         op, state = hdr.op, self.state
 
-        if op == Op.VIRTIO_VSOCK_OP_RST:
+        if op == OP_RST:
             self.metrics["rst_received"] += 1
             self._finish(connected=False)
             return
         if state is ConnState.LOCAL_INIT:
-            if op == Op.VIRTIO_VSOCK_OP_RESPONSE:
+            if op == OP_RESPONSE:
                 self.state = ConnState.ESTABLISHED
                 self.expiry = None
                 self._preamble_armed = self._preamble is not None
@@ -396,22 +412,21 @@ class Connection:
             self._guest_violation("guest packet before our RESPONSE", hdr)
             return
 
-        match op:
-            case Op.VIRTIO_VSOCK_OP_RW:
-                self._guest_rw(hdr, payload, now)
-            case Op.VIRTIO_VSOCK_OP_SHUTDOWN:
-                self._guest_shutdown(hdr, now)
-            case Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE:
-                pass                    # the credit fields were taken above
-            case Op.VIRTIO_VSOCK_OP_CREDIT_REQUEST:
-                if self._guest_may_send():
-                    self.pending |= PendingRx.CREDIT_UPDATE
-            case Op.VIRTIO_VSOCK_OP_REQUEST:
-                self._guest_violation("guest REQUEST on an existing connection", hdr)
-            case Op.VIRTIO_VSOCK_OP_RESPONSE:
-                self._guest_violation("guest RESPONSE on an established connection", hdr)
-            case _:
-                self._guest_violation("guest packet with an unknown op", hdr)
+        if op == OP_RW:
+            self._guest_rw(hdr, payload, now)
+        elif op == OP_SHUTDOWN:
+            self._guest_shutdown(hdr, now)
+        elif op == OP_CREDIT_UPDATE:
+            pass                        # the credit fields were taken above
+        elif op == OP_CREDIT_REQUEST:
+            if self._guest_may_send():
+                self.pending |= P_CREDIT_UPDATE
+        elif op == OP_REQUEST:
+            self._guest_violation("guest REQUEST on an existing connection", hdr)
+        elif op == OP_RESPONSE:
+            self._guest_violation("guest RESPONSE on an established connection", hdr)
+        else:
+            self._guest_violation("guest packet with an unknown op", hdr)
 
     def _guest_rw(self, hdr: VsockHeader, payload: list[memoryview], now: float) -> None:
         if self.state is ConnState.LOCAL_CLOSED:
@@ -477,7 +492,7 @@ class Connection:
             self._flush(now)
 
     def _guest_shutdown(self, hdr: VsockHeader, now: float) -> None:
-        self.peer_shutdown |= VirtioVsockShutdown(hdr.flags & BOTH)
+        self.peer_shutdown |= hdr.flags & BOTH
         if hdr.flags & ~BOTH:
             self.errors.report("guest SHUTDOWN with undefined flags", hdr.describe())
         if self.state is ConnState.LOCAL_CLOSED:
@@ -485,16 +500,16 @@ class Connection:
             return
         self.state = ConnState.PEER_CLOSED
         if self.peer_shutdown & SEND:
-            self.pending &= ~(PendingRx.CREDIT_UPDATE | PendingRx.CREDIT_REQUEST)
+            self.pending &= ~(P_CREDIT_UPDATE | P_CREDIT_REQUEST)
         if self.peer_shutdown & RCV:
-            self.pending &= ~PendingRx.RW
+            self.pending &= ~P_RW
         self._after_progress(now)
 
     # -- events from the host ---------------------------------------------------------
     def on_host_readable(self) -> None:
         """The host end has input: owe the guest an RW (filled in :meth:`fill_rx`)."""
         if self._guest_may_receive() and not self._host_eof:
-            self.pending |= PendingRx.RW
+            self.pending |= P_RW
 
     def on_host_writable(self, now: float) -> None:
         """The host end has room: flush what we hold."""
@@ -506,7 +521,7 @@ class Connection:
             return
         self.expiry = None
         self.metrics["conns_timed_out"] += 1
-        if self.state is ConnState.LOCAL_INIT and self.pending & PendingRx.REQUEST:
+        if self.state is ConnState.LOCAL_INIT and self.pending & P_REQUEST:
             self._finish(connected=False)       # the guest never saw it: nothing to reset
         elif self.state is ConnState.LOCAL_INIT:
             self._reset("guest did not answer our REQUEST in time")
@@ -573,54 +588,54 @@ class Connection:
         hdr = self._next_packet(rx, now)
         if hdr is not None:
             self.last_fwd_cnt_to_peer = self.fwd_cnt       # every packet carries our credit
-            self.pending &= ~PendingRx.CREDIT_UPDATE
+            self.pending &= ~P_CREDIT_UPDATE
             self.metrics["rx_packets"] += 1
             rx.write_header(hdr)
-            if hdr.op == Op.VIRTIO_VSOCK_OP_RST:
+            if hdr.op == OP_RST:
                 self.metrics["rst_sent"] += 1
                 self._finish(connected=False)
         return hdr
 
     def _next_packet(self, rx: RxBuffer, now: float) -> VsockHeader | None:
         pending = self.pending
-        if pending & PendingRx.RST:
-            self.pending = PendingRx(0)
-            return self._header(Op.VIRTIO_VSOCK_OP_RST)
-        if pending & PendingRx.RESPONSE:
-            self.pending &= ~PendingRx.RESPONSE
+        if pending & P_RST:
+            self.pending = 0
+            return self._header(OP_RST)
+        if pending & P_RESPONSE:
+            self.pending &= ~P_RESPONSE
             self.state = ConnState.ESTABLISHED
-            return self._header(Op.VIRTIO_VSOCK_OP_RESPONSE)
-        if pending & PendingRx.REQUEST:
-            self.pending &= ~PendingRx.REQUEST
+            return self._header(OP_RESPONSE)
+        if pending & P_REQUEST:
+            self.pending &= ~P_REQUEST
             self.expiry = now + CONN_REQUEST_TIMEOUT
-            return self._header(Op.VIRTIO_VSOCK_OP_REQUEST)
-        if pending & PendingRx.SHUTDOWN:
-            self.pending &= ~PendingRx.SHUTDOWN
-            return self._header(Op.VIRTIO_VSOCK_OP_SHUTDOWN, flags=self._shutdown_flags)
-        if pending & PendingRx.RW:
+            return self._header(OP_REQUEST)
+        if pending & P_SHUTDOWN:
+            self.pending &= ~P_SHUTDOWN
+            return self._header(OP_SHUTDOWN, flags=self._shutdown_flags)
+        if pending & P_RW:
             hdr = self._read_host(rx, now)
             if hdr is not None:
                 return hdr
-        if self.pending & PendingRx.CREDIT_REQUEST:
-            self.pending &= ~PendingRx.CREDIT_REQUEST
-            return self._header(Op.VIRTIO_VSOCK_OP_CREDIT_REQUEST)
-        if self.pending & PendingRx.CREDIT_UPDATE:
-            self.pending &= ~PendingRx.CREDIT_UPDATE
-            return self._header(Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE)
+        if self.pending & P_CREDIT_REQUEST:
+            self.pending &= ~P_CREDIT_REQUEST
+            return self._header(OP_CREDIT_REQUEST)
+        if self.pending & P_CREDIT_UPDATE:
+            self.pending &= ~P_CREDIT_UPDATE
+            return self._header(OP_CREDIT_UPDATE)
         return None
 
     def _read_host(self, rx: RxBuffer, now: float) -> VsockHeader | None:
         """Move host input into ``rx`` within the guest's window (RW owed)."""
         if not self._guest_may_receive() or self._host_eof:
-            self.pending &= ~PendingRx.RW
+            self.pending &= ~P_RW
             return None
         credit = self.peer_credit()
         if credit == 0:
-            self.pending &= ~PendingRx.RW
+            self.pending &= ~P_RW
             if not self.credit_requested:
                 self.credit_requested = True
                 self.metrics["credit_requests_sent"] += 1
-                return self._header(Op.VIRTIO_VSOCK_OP_CREDIT_REQUEST)
+                return self._header(OP_CREDIT_REQUEST)
             return None
         if rx.capacity == 0:
             return None                 # a header-only buffer: RW stays owed
@@ -629,17 +644,17 @@ class Connection:
         try:
             n = self.stream.recv_into_views(rx.payload_views(credit))
         except BlockingIOError:
-            self.pending &= ~PendingRx.RW       # drained: poll again
+            self.pending &= ~P_RW       # drained: poll again
             return None
         except OSError as e:
             self._host_failed("host socket read failed", e)
-            self.pending = PendingRx(0)
-            return self._header(Op.VIRTIO_VSOCK_OP_RST)
+            self.pending = 0
+            return self._header(OP_RST)
         if n == 0:
             return self._host_closed(now)
         self.tx_cnt = wrap32(self.tx_cnt + n)
         self.metrics["rx_bytes"] += n
-        return self._header(Op.VIRTIO_VSOCK_OP_RW, n)
+        return self._header(OP_RW, n)
 
     def _read_host_message(self, rx: RxBuffer, credit: int, now: float) -> VsockHeader | None:
         if self._rx_msg is None:
@@ -648,12 +663,12 @@ class Connection:
             try:
                 size = self.stream.recv_message(memoryview(self._rx_staging))
             except BlockingIOError:
-                self.pending &= ~PendingRx.RW
+                self.pending &= ~P_RW
                 return None
             except OSError as e:
                 self._host_failed("host socket read failed", e)
-                self.pending = PendingRx(0)
-                return self._header(Op.VIRTIO_VSOCK_OP_RST)
+                self.pending = 0
+                return self._header(OP_RST)
             if size is None:
                 return self._host_closed(now)
             if size > SEQPACKET_MAX_MSG or size > self.peer_buf_alloc:
@@ -662,8 +677,8 @@ class Connection:
                                         f"{size} bytes, guest buf_alloc {self.peer_buf_alloc}")
                 self.metrics["host_errors"] += 1
                 self.kill("host SEQPACKET record too large")
-                self.pending = PendingRx(0)
-                return self._header(Op.VIRTIO_VSOCK_OP_RST)
+                self.pending = 0
+                return self._header(OP_RST)
             self._rx_msg = memoryview(self._rx_staging)[:size]
             self._rx_msg_off = 0
         rest = len(self._rx_msg) - self._rx_msg_off
@@ -679,12 +694,12 @@ class Connection:
             self.metrics["rx_messages"] += 1
         self.tx_cnt = wrap32(self.tx_cnt + n)
         self.metrics["rx_bytes"] += n
-        return self._header(Op.VIRTIO_VSOCK_OP_RW, n, flags)
+        return self._header(OP_RW, n, flags)
 
     def _host_closed(self, now: float) -> VsockHeader:
         """End-of-file from the host: SHUTDOWN(SEND), or (RCV|SEND) if it hung up."""
         self._host_eof = True
-        self.pending &= ~PendingRx.RW
+        self.pending &= ~P_RW
         if self.stream.hung_up() or self.peer_shutdown & SEND:
             flags = BOTH
             self.state = ConnState.LOCAL_CLOSED
@@ -694,7 +709,7 @@ class Connection:
         else:
             flags = SEND
         self.local_shutdown |= flags
-        return self._header(Op.VIRTIO_VSOCK_OP_SHUTDOWN, flags=flags)
+        return self._header(OP_SHUTDOWN, flags=flags)
 
     # -- ending -----------------------------------------------------------------------
     def kill(self, reason: str) -> None:
@@ -708,7 +723,7 @@ class Connection:
             self.kill_reason = reason
             self.metrics["conns_killed"] += 1
         self.state = ConnState.KILLED
-        self.pending = PendingRx.RST
+        self.pending = P_RST
         self.expiry = None
         self._tx_buf.clear()
         self._tx_msgs.clear()
@@ -720,7 +735,7 @@ class Connection:
         """RST received or sent: the connection is over; the muxer closes the stream."""
         self.done = True
         self.state = ConnState.KILLED
-        self.pending = PendingRx(0)
+        self.pending = 0
         self.expiry = None
         self._report_connect(connected)
 
@@ -745,7 +760,7 @@ class Connection:
 
     def __repr__(self) -> str:
         return (f"Connection({self.local_port}<->{self.peer_cid}:{self.peer_port}, {self.state.value}, "
-                f"pending={self.pending!r}, credit={self.peer_credit()}, held={self._unforwarded()})")
+                f"pending={PendingRx(self.pending)!r}, credit={self.peer_credit()}, held={self._unforwarded()})")
 
 
 def _skip(views: list[memoryview], n: int) -> list[memoryview]:

@@ -12,10 +12,12 @@ Contract with the machine
 Construction and lifetime::
 
     dev = VsockDevice(guest_cid, uds_path=None, *, clock=time.monotonic,
-                      max_connections=1023)
+                      max_connections=1023, conn_buf_size=256 KiB)
         # guest_cid: 3 .. 2**32-2 (0, 1, 2, 2**32-1 reserved; upper 32 bits zero)
         # uds_path: Firecracker-style host end, bound HERE (ConfigError if busy);
         #   also binds uds_path + ".seqpacket"; guest->host goes to f"{uds_path}_{port}"
+        # conn_buf_size: the buf_alloc each connection advertises (64 KiB .. 64 MiB), within
+        #   the muxer's global TX_BUFFER_BUDGET
     transport = MmioTransport(dev, memory, irq_trigger)   # as any virtio device
     dev.add_reader(fd, callback)    # the ioeventfd of each queue, see below
     dev.start()                     # starts thread "pyvmm-vsock" (the device thread)
@@ -115,7 +117,8 @@ from ..virtio.device import (VIRTIO_ID_VSOCK, VIRTIO_MMIO_INT_VRING, VirtioDevic
                              feature_mask)
 from ..virtio.queue import GuestErrorLog, Queue
 from .eventloop import EventLoop
-from .muxer import MAX_CONNECTIONS, VsockMuxer, new_metrics
+from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN
+from .muxer import MAX_CONNECTIONS, TX_BUFFER_BUDGET, VsockMuxer, new_metrics
 from .packet import (VIRTIO_VSOCK_HDR_LEN, RxBuffer, VirtioVsockEventId, VirtioVsockFeature,
                      VsockPacketError, parse_tx_chain)
 from .unix import UnixBackend, VsockApi
@@ -147,9 +150,13 @@ class VsockDevice(VirtioDevice):
 
     def __init__(self, guest_cid: int, uds_path: str | None = None, *,
                  clock: Callable[[], float] = time.monotonic,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+                 max_connections: int = MAX_CONNECTIONS,
+                 conn_buf_size: int = CONN_TX_BUF_SIZE) -> None:
         if not 3 <= guest_cid < 0xFFFF_FFFF:
             raise ConfigError(f"vsock guest CID {guest_cid} is reserved or out of range (3 .. 2**32-2)")
+        if not CONN_TX_BUF_SIZE_MIN <= conn_buf_size <= TX_BUFFER_BUDGET:
+            raise ConfigError(f"vsock connection window {conn_buf_size} is outside "
+                              f"{CONN_TX_BUF_SIZE_MIN} .. {TX_BUFFER_BUDGET} bytes")
         self.guest_cid = guest_cid
         self.loop = EventLoop(clock)
         self.metrics = new_metrics()
@@ -157,7 +164,7 @@ class VsockDevice(VirtioDevice):
         self.host_errors = GuestErrorLog("virtio-vsock (host peers)", logger)
         self.muxer = VsockMuxer(guest_cid=guest_cid, loop=self.loop, metrics=self.metrics,
                                 errors=self.errors, host_errors=self.host_errors,
-                                max_connections=max_connections)
+                                max_connections=max_connections, conn_buf_size=conn_buf_size)
         self.muxer.on_rx_pending = self._schedule_rx
         self.api = VsockApi(self)
         self.unix = UnixBackend(uds_path, self.loop, self.muxer) if uds_path else None

@@ -17,7 +17,9 @@ connection's business (compare Firecracker ``unix/muxer.rs``):
 * the bounds: at most :data:`MAX_CONNECTIONS` (1023, Firecracker's
   ``MAX_CONNECTIONS``) connections, a REQUEST beyond that gets an RST; at
   most :data:`MAX_CONTROL_PACKETS` RSTs for packets without a connection
-  waiting for rx buffers (more are dropped and counted);
+  waiting for rx buffers (more are dropped and counted); the windows it
+  gives connections add up to at most :data:`TX_BUFFER_BUDGET` plus the
+  minimal window for each (the guest bytes slow host peers can make us hold);
 * the rx side: which connection fills the next guest rx buffer (connections
   that owe a packet take turns), and the I/O plumbing of each connection's
   host socket (reader/writer interest, its expiry timer) on the event loop.
@@ -40,10 +42,9 @@ import collections
 from typing import Callable, Protocol
 
 from ..virtio.queue import GuestErrorLog
-from .connection import Connection, HostStream
+from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, Connection, HostStream
 from .eventloop import EventLoop, TimerHandle
-from .packet import (VMADDR_CID_HOST, RxBuffer, TxPacket, VirtioVsockOp, VirtioVsockType,
-                     VsockHeader)
+from .packet import OP_REQUEST, OP_RST, SEQPACKET, STREAM, VMADDR_CID_HOST, RxBuffer, TxPacket, VsockHeader
 
 __all__ = [
     "HOST_PORT_FIRST",
@@ -51,19 +52,22 @@ __all__ = [
     "HostService",
     "MAX_CONNECTIONS",
     "MAX_CONTROL_PACKETS",
+    "TX_BUFFER_BUDGET",
     "METRIC_NAMES",
     "VsockMuxer",
     "new_metrics",
 ]
 
-Op = VirtioVsockOp
-STREAM = VirtioVsockType.VIRTIO_VSOCK_TYPE_STREAM
-SEQPACKET = VirtioVsockType.VIRTIO_VSOCK_TYPE_SEQPACKET
 
 #: Firecracker ``defs::MAX_CONNECTIONS``
 MAX_CONNECTIONS = 1023
 #: RSTs owed for packets without a connection (Firecracker's rxq holds 256)
 MAX_CONTROL_PACKETS = 256
+#: the guest bytes all connections together may make pyvmm hold for slow host peers (the sum
+#: of the ``buf_alloc`` we advertise): a new connection gets the configured window
+#: (CONN_TX_BUF_SIZE, 256 KiB) while the sum stays within this, else CONN_TX_BUF_SIZE_MIN
+#: (64 KiB).  Worst case: TX_BUFFER_BUDGET + MAX_CONNECTIONS * 64 KiB, about 128 MiB.
+TX_BUFFER_BUDGET = 64 * 1024 * 1024
 #: host-initiated connections get local ports from [2**30, 2**31) (Firecracker)
 HOST_PORT_FIRST = 1 << 30
 HOST_PORT_LAST = (1 << 31) - 1
@@ -102,7 +106,12 @@ class VsockMuxer:
     def __init__(self, *, guest_cid: int, loop: EventLoop, metrics: collections.Counter | None = None,
                  errors: GuestErrorLog | None = None, host_errors: GuestErrorLog | None = None,
                  max_connections: int = MAX_CONNECTIONS,
-                 max_control: int = MAX_CONTROL_PACKETS) -> None:
+                 max_control: int = MAX_CONTROL_PACKETS,
+                 conn_buf_size: int = CONN_TX_BUF_SIZE,
+                 tx_buffer_budget: int = TX_BUFFER_BUDGET) -> None:
+        if not CONN_TX_BUF_SIZE_MIN <= conn_buf_size <= tx_buffer_budget:
+            raise ValueError(f"vsock connection window {conn_buf_size} is outside "
+                             f"[{CONN_TX_BUF_SIZE_MIN}, {tx_buffer_budget}]")
         self.guest_cid = guest_cid
         self.loop = loop
         self.metrics = metrics if metrics is not None else new_metrics()
@@ -110,6 +119,10 @@ class VsockMuxer:
         self.host_errors = host_errors or GuestErrorLog("virtio-vsock (host peers)")
         self.max_connections = max_connections
         self.max_control = max_control
+        self.conn_buf_size = conn_buf_size
+        self.tx_buffer_budget = tx_buffer_budget
+        #: the sum of the live connections' buf_alloc (bounded by tx_buffer_budget, see above)
+        self.advertised = 0
         #: whether VIRTIO_VSOCK_F_SEQPACKET was negotiated (the device sets it)
         self.seqpacket = False
         #: asked in order for guest-initiated connections
@@ -146,9 +159,9 @@ class VsockMuxer:
                 self._reply_rst(hdr)
             return
         if conn is None:
-            if hdr.op == Op.VIRTIO_VSOCK_OP_REQUEST:
+            if hdr.op == OP_REQUEST:
                 self._guest_request(hdr)
-            elif hdr.op == Op.VIRTIO_VSOCK_OP_RST:
+            elif hdr.op == OP_RST:
                 self.metrics["rst_received"] += 1       # never answer an RST with an RST
             else:
                 self._guest_error("guest packet for an unknown connection", hdr)
@@ -169,14 +182,14 @@ class VsockMuxer:
         conn = self.connections.get((hdr.dst_port, hdr.src_port))
         if conn is not None:
             self._reset_for(conn, hdr, "malformed guest packet")
-        elif hdr.op != Op.VIRTIO_VSOCK_OP_RST:
+        elif hdr.op != OP_RST:
             self._reply_rst(hdr)
 
     def _reset_for(self, conn, hdr: VsockHeader, reason: str) -> None:
         """End ``conn`` after a bad guest packet: with an RST owed to the guest,
         unless that packet was itself an RST (never answer an RST with an RST,
         as Linux's virtio_transport_reset_no_sock)."""
-        if hdr.op == Op.VIRTIO_VSOCK_OP_RST:
+        if hdr.op == OP_RST:
             self.metrics["rst_received"] += 1
             conn.abort()
         else:
@@ -189,14 +202,14 @@ class VsockMuxer:
 
     def _reply_rst(self, hdr: VsockHeader) -> None:
         """Queue an RST for a packet with no connection (echoes its type, as Linux does)."""
-        if hdr.op == Op.VIRTIO_VSOCK_OP_RST:
+        if hdr.op == OP_RST:
             return
         if len(self._control) >= self.max_control:
             self.metrics["control_dropped"] += 1
             self.errors.report("control queue full: RST dropped", hdr.describe())
             return
         self._control.append(VsockHeader(VMADDR_CID_HOST, self.guest_cid, hdr.dst_port, hdr.src_port,
-                                         0, hdr.type, Op.VIRTIO_VSOCK_OP_RST, 0, 0, 0))
+                                         0, hdr.type, OP_RST, 0, 0, 0))
         self.on_rx_pending()
 
     def _guest_request(self, hdr: VsockHeader) -> None:
@@ -222,7 +235,11 @@ class VsockMuxer:
         self._add(conn)
 
     def _conn_kw(self) -> dict:
-        return dict(metrics=self.metrics, errors=self.errors, host_errors=self.host_errors)
+        window = self.conn_buf_size
+        if self.advertised + window > self.tx_buffer_budget:
+            window = CONN_TX_BUF_SIZE_MIN
+        return dict(metrics=self.metrics, errors=self.errors, host_errors=self.host_errors,
+                    buf_alloc=window)
 
     # -- host -> guest connections ---------------------------------------------------
     def connect_host(self, peer_port: int, vtype: int, stream: HostStream, *,
@@ -261,6 +278,7 @@ class VsockMuxer:
     # -- the table ------------------------------------------------------------------
     def _add(self, conn: Connection) -> None:
         self.connections[conn.key] = conn
+        self.advertised += conn.buf_alloc
         self._io[conn.key] = [False, False, None]
         self.metrics["conns_added"] += 1
         self._sync(conn)
@@ -270,6 +288,7 @@ class VsockMuxer:
         if self.connections.get(key) is not conn:
             return
         del self.connections[key]
+        self.advertised -= conn.buf_alloc
         reading, writing, timer = self._io.pop(key)
         if timer is not None:
             timer.cancel()

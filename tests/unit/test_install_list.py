@@ -9,8 +9,8 @@ a build step asks for, and checks each against the one install list, the Makefil
 
 How the programs are found (no second, hand-kept list):
 
-* **Python** (``*.py`` and files with a python shebang, outside ``.git``, ``.venv`` and
-  ``build``): the syntax tree of each file.  A program is the first element of a list or
+* **Python** (``*.py`` and files with a python shebang, outside ``build`` and the
+  dot-directories but ``.ci``): the syntax tree of each file.  A program is the first element of a list or
   tuple literal passed as the first argument of ``subprocess.run``/``Popen``/``call``/
   ``check_call``/``check_output`` (or any ``.run``/``.Popen``/... such as ``lab.run``), or
   of ``os.exec*``/``os.spawn*``; or a string constant given to ``shutil.which`` or to a
@@ -57,7 +57,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SKIP_DIRS = {".git", ".venv", "build", "__pycache__", ".pytest_cache", "results"}
+#: Not the project's own code: build output, caches, the virtualenv, benchmark results, and
+#: every dot-directory but .ci (.git, .venv, .pytest_cache, .hypothesis, ...).
+SKIP_DIRS = {"build", "__pycache__", "results"}
 #: Where a fresh Debian machine has its programs (not /usr/local, not this user's PATH: a
 #: program installed by hand elsewhere must not stand in for the set-up's).
 SEARCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -79,7 +81,8 @@ pytestmark = pytest.mark.skipif(
 def _project_files() -> list[Path]:
     files = []
     for directory, subdirs, names in os.walk(ROOT):
-        subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS)
+        subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS
+                            and (d == ".ci" or not d.startswith(".")))
         files.extend(Path(directory, name) for name in sorted(names))
     return files
 

@@ -13,7 +13,7 @@ import pytest
 
 from pyvmm.virtio.queue import GuestErrorLog
 from pyvmm.vsock.connection import (CONN_REQUEST_TIMEOUT, CONN_SHUTDOWN_TIMEOUT, CONN_TX_BUF_SIZE,
-                                    SEQPACKET_MAX_QUEUED, Connection, ConnState)
+                                    SEQPACKET_MAX_QUEUED, Connection, ConnState, PendingRx)
 from pyvmm.vsock.muxer import new_metrics
 from pyvmm.vsock.packet import (RxBuffer, VirtioVsockOp, VirtioVsockSeqFlag, VirtioVsockShutdown,
                                 VsockHeader)
@@ -74,28 +74,28 @@ def test_response_carries_credit_and_ports():
 
 def test_slow_host_is_buffered_and_credit_stops():
     c, s = established(FakeStream(room=1000))
-    for _ in range(16):
+    for _ in range(CONN_TX_BUF_SIZE // 4096):
         rw(c, b"x" * 4096)
     assert bytes(s.out) == b"x" * 1000                 # what the host took
-    assert c._unforwarded() == 16 * 4096 - 1000        # held for it, bounded by buf_alloc
+    assert c._unforwarded() == CONN_TX_BUF_SIZE - 1000  # held for it, bounded by buf_alloc
     assert c.fwd_cnt == 1000
-    # the guest's view: 64 KiB sent, fwd_cnt 0 seen: the window is exactly used up
+    # the guest's view: the whole window sent, fwd_cnt 0 seen: the window is exactly used up
     rw(c, b"y")                                        # one byte more is a violation
-    assert c.pending == c.pending.RST and c.metrics["credit_violations"] == 1
+    assert c.pending == PendingRx.RST and c.metrics["credit_violations"] == 1
     assert not c.want_write() and len(c._tx_buf) == 0  # nothing retained for a reset connection
 
 
 def test_flush_on_writable_then_credit_update():
     c, s = established(FakeStream(room=0))
-    for _ in range(16):
+    for _ in range(CONN_TX_BUF_SIZE // 4096):
         rw(c, b"x" * 4096)
     assert c.want_write() and not s.out
     assert not c.has_pending_rx()
     s.room = 1 << 30
     c.on_host_writable(0)
-    assert len(s.out) == 16 * 4096 and not c.want_write()
+    assert len(s.out) == CONN_TX_BUF_SIZE and not c.want_write()
     (h, _), = drain(c)
-    assert (h.op, h.fwd_cnt) == (Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE, 16 * 4096)
+    assert (h.op, h.fwd_cnt) == (Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE, CONN_TX_BUF_SIZE)
 
 
 def test_host_write_error_resets():
@@ -246,7 +246,7 @@ def test_header_only_rx_buffer_gets_no_data_but_control():
     s.inbox += b"data"
     c.on_host_readable()
     assert c.fill_rx(RxBuffer(FakeChain(writable=[44])), 0) is None
-    assert c.pending & c.pending.RW                     # still owed
+    assert c.pending & PendingRx.RW                     # still owed
     assert [bytes(p) for _, p in drain(c)] == [b"data"]
 
 

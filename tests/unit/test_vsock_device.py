@@ -16,7 +16,8 @@ import pytest
 
 from pyvmm.errors import ConfigError
 from pyvmm.virtio.device import DeviceStatus, VirtioFeature, feature_mask
-from pyvmm.vsock.connection import CONN_SHUTDOWN_TIMEOUT, CONN_TX_BUF_SIZE
+from pyvmm.vsock.connection import (CONN_CREDIT_UPDATE_THRESHOLD, CONN_SHUTDOWN_TIMEOUT,
+                                    CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN)
 from pyvmm.vsock.muxer import HOST_PORT_FIRST
 from pyvmm.vsock.packet import VirtioVsockFeature, VirtioVsockSeqFlag, VirtioVsockShutdown
 from vsock_guest import GUEST_CID, HOST_CID, SEQPACKET, STREAM, Guest, Op, hdr, ops
@@ -296,42 +297,55 @@ def test_credit_stall_then_credit_update_resumes(uds):
         g.close()
 
 
-def test_credit_request_answered_and_update_advertised(guest, uds):
+@pytest.mark.parametrize("window", [CONN_TX_BUF_SIZE_MIN, CONN_TX_BUF_SIZE])
+def test_credit_request_answered_and_update_advertised(uds, window):
+    guest = Guest(uds, conn_buf_size=window)
     lst, conn = guest_connect(guest, uds, 1234)
     guest.send(Op.VIRTIO_VSOCK_OP_CREDIT_REQUEST, 5000, 1234)
     pkts = guest.take()
     assert [(h.op, h.buf_alloc, h.fwd_cnt) for h, _ in pkts] == [
-        (Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE, CONN_TX_BUF_SIZE, 0)]
-    # the guest streams 60 KiB, the host keeps up.  Once the guest's view of
-    # our free space drops below 16 KiB (after 13 pages: 64 - 52 = 12 KiB) it
-    # gets one CREDIT_UPDATE with everything forwarded so far; not one per page
-    for i in range(15):
-        guest.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, b"z" * 4096)
-    guest.pump()
-    got = 0
-    while got < 15 * 4096:
-        got += len(conn.recv(65536))
-    pkts = guest.take()
-    assert [(h.op, h.fwd_cnt) for h, _ in pkts] == [(Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE, 13 * 4096)]
+        (Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE, window, 0)]
+    # the guest streams all but one page of the window, one page per kick, and
+    # the host reads each at once.  Once the guest's view of our free space
+    # drops below the threshold (min(64 KiB, window / 4): after page k, the
+    # first with window - k pages < threshold) it gets one CREDIT_UPDATE with
+    # everything forwarded so far; not one per page
+    pages = window // 4096 - 1
+    k = (window - min(CONN_CREDIT_UPDATE_THRESHOLD, window // 4)) // 4096 + 1
+    updates = []
+    try:
+        for i in range(pages):
+            guest.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, b"z" * 4096)
+            guest.pump()
+            assert len(conn.recv(65536)) == 4096
+            updates += [(h.op, h.fwd_cnt) for h, _ in guest.recv()]
+    finally:
+        guest.close()
+    assert updates == [(Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE, k * 4096)]
 
 
-def test_guest_exceeding_advertised_credit_is_reset(guest, uds):
+def test_guest_exceeding_advertised_credit_is_reset(uds):
+    # a 64 KiB window, so that all of it fits in the host socket before the reset
+    guest = Guest(uds, conn_buf_size=CONN_TX_BUF_SIZE_MIN)
     lst, conn = guest_connect(guest, uds, 1234)
     # the whole advertised window (64 KiB at fwd_cnt 0) plus one byte, in one
     # batch: the guest has seen no newer fwd_cnt from us, so the last byte is
     # beyond the credit we advertised, whatever the host has consumed meanwhile
-    for _ in range(CONN_TX_BUF_SIZE // 4096):
-        guest.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, b"q" * 4096, kick=False)
-    guest.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, b"!")
-    pkts = guest.take()
-    assert ops(pkts) == [Op.VIRTIO_VSOCK_OP_RST]
-    c = guest.dev.counters()
+    try:
+        for _ in range(CONN_TX_BUF_SIZE_MIN // 4096):
+            guest.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, b"q" * 4096, kick=False)
+        guest.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, b"!")
+        pkts = guest.take()
+        assert ops(pkts) == [Op.VIRTIO_VSOCK_OP_RST]
+        c = guest.dev.counters()
+    finally:
+        guest.close()
     assert c["credit_violations"] == 1 and c["connections"] == 0
     assert c["guest_errors_by_reason"]["guest exceeded the credit we advertised"] == 1
     got = b""
     while chunk := conn.recv(65536):
         got += chunk
-    assert got == b"q" * CONN_TX_BUF_SIZE         # everything within credit arrived
+    assert got == b"q" * CONN_TX_BUF_SIZE_MIN     # everything within credit arrived
 
 
 def test_exactly_the_window_is_fine(guest, uds):
@@ -505,3 +519,39 @@ def test_device_reset_drops_everything(guest, uds):
     guest.drv.reset()
     assert conn.recv(10) == b""
     assert guest.dev.counters()["connections"] == 0
+
+
+def test_connection_windows_stay_within_the_global_budget(uds):
+    """Slow host peers cannot make pyvmm hold more than the budget: once the windows it
+    advertised add up to TX_BUFFER_BUDGET, new connections get the minimal window, and a
+    closed connection gives its window back."""
+    g = Guest(uds)
+    g.dev.muxer.tx_buffer_budget = 2 * CONN_TX_BUF_SIZE + CONN_TX_BUF_SIZE_MIN
+    try:
+        with g.dev.api.listen(1):
+            for i in range(3):
+                g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 100 + i, 1)
+            pkts = g.take()
+            assert [(h.op, h.buf_alloc) for h, _ in pkts] == [
+                (Op.VIRTIO_VSOCK_OP_RESPONSE, CONN_TX_BUF_SIZE)] * 2 + [
+                (Op.VIRTIO_VSOCK_OP_RESPONSE, CONN_TX_BUF_SIZE_MIN)]
+            assert g.dev.muxer.advertised == 2 * CONN_TX_BUF_SIZE + CONN_TX_BUF_SIZE_MIN
+            g.send(Op.VIRTIO_VSOCK_OP_RST, 100, 1)
+            g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 200, 1)
+            pkts = g.take()
+            assert [(h.op, h.buf_alloc) for h, _ in pkts] == [
+                (Op.VIRTIO_VSOCK_OP_RESPONSE, CONN_TX_BUF_SIZE)]
+    finally:
+        g.close()
+
+
+def test_connection_window_is_configurable_and_checked(uds):
+    g = Guest(uds, conn_buf_size=CONN_TX_BUF_SIZE_MIN)
+    try:
+        with g.dev.api.listen(1):
+            g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 100, 1)
+            assert [h.buf_alloc for h, _ in g.take()] == [CONN_TX_BUF_SIZE_MIN]
+    finally:
+        g.close()
+    with pytest.raises(ConfigError):
+        Guest(uds, conn_buf_size=4096)
