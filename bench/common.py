@@ -578,9 +578,10 @@ class StreamCheck:
     """The host's check of the test stream as it arrives from a guest.
 
     ``full``: every byte is compared with the stream.  ``word`` (the cheap
-    mode): the first :data:`SAMPLE` bytes of every read are, at whatever
-    offset the read starts; with the byte count and, for guest->host, the
-    guest's whash of what it sent (:func:`check_guest_result`)."""
+    mode): the first and the last :data:`SAMPLE` bytes of every read are, at
+    whatever offsets the read starts and ends (where a split or a join would
+    go wrong); with the byte count and, for guest->host, the guest's whash of
+    what it sent (:func:`check_guest_result`)."""
     SAMPLE = 16
 
     def __init__(self, verify: str, total: int, what: str) -> None:
@@ -596,16 +597,23 @@ class StreamCheck:
         n, off = len(data), self.offset
         if off + n > len(self.expect):
             raise WorkloadFailed(f"{self.what}: {off + n} bytes, more than the {len(self.expect)} sent")
-        k = n if self.full else min(n, self.SAMPLE)
-        got, want = data[:k], self.expect[off:off + k]
+        if self.full or n <= 2 * self.SAMPLE:
+            self._compare(data, 0, n)
+        else:
+            self._compare(data, 0, self.SAMPLE)
+            self._compare(data, n - self.SAMPLE, n)
+        self.offset += n
+
+    def _compare(self, data: memoryview, a: int, b: int) -> None:
+        off = self.offset
+        got, want = data[a:b], self.expect[off + a:off + b]
         same = (np.array_equal(np.frombuffer(got, np.uint8), np.frombuffer(want, np.uint8))
-                if k > 65536 else got.tobytes() == want.tobytes())
+                if b - a > 65536 else got.tobytes() == want.tobytes())
         if not same:
             bad = int(np.argmax(np.frombuffer(got, np.uint8) != np.frombuffer(want, np.uint8)))
-            raise WorkloadFailed(f"{self.what}: byte {off + bad} is {got[bad]:#04x}, "
+            raise WorkloadFailed(f"{self.what}: byte {off + a + bad} is {got[bad]:#04x}, "
                                  f"the stream has {want[bad]:#04x}")
-        self.offset += n
-        self.checked += k
+        self.checked += b - a
 
 
 # --------------------------------------------------------------------------

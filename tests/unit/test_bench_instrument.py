@@ -104,7 +104,7 @@ def test_stream_check_accepts_the_stream_in_any_pieces(verify):
     for a, b in ((0, 1), (1, 4097), (4097, 70_000), (70_000, 100_000)):
         check.feed(memoryview(data)[a:b])
     assert check.offset == 100_000
-    assert check.checked == (100_000 if verify == "full" else 1 + 16 * 3)
+    assert check.checked == (100_000 if verify == "full" else 1 + 32 * 3)
 
 
 def test_stream_check_finds_what_it_looks_at():
@@ -112,11 +112,19 @@ def test_stream_check_finds_what_it_looks_at():
     data[4000] ^= 1
     with pytest.raises(WorkloadFailed, match="byte 4000 is"):
         StreamCheck("full", 8192, "t").feed(memoryview(data))
-    # the sample is the first 16 bytes of each read: a read starting at 3990 sees it
+    # the sample is the first and last 16 bytes of each read: a read starting at
+    # 3990 sees it, and so does one ending at 4010; one from 3000 to 5000 does not
     word = StreamCheck("word", 8192, "t")
     word.feed(memoryview(data)[:3990])
     with pytest.raises(WorkloadFailed, match="byte 4000 is"):
         word.feed(memoryview(data)[3990:])
+    word = StreamCheck("word", 8192, "t")
+    with pytest.raises(WorkloadFailed, match="byte 4000 is"):
+        word.feed(memoryview(data)[:4010])
+    word = StreamCheck("word", 8192, "t")
+    word.feed(memoryview(data)[:3000])
+    word.feed(memoryview(data)[3000:5000])               # sampled, not checked: the cheap mode
+    assert word.checked == 64
     with pytest.raises(WorkloadFailed, match="more than the 10 sent"):
         StreamCheck("word", 10, "t").feed(memoryview(bytes(11)))
 
