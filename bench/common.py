@@ -5,11 +5,19 @@
   workload *waits for a console line* (never sleeps) and the VMM's CPU time can
   be read per thread from ``/proc/<pid>/task``.
 * :func:`pyvmm_argv` / :func:`qemu_argv` -- the two command lines, side by side.
+* :class:`Placement` -- which host CPUs the vCPU threads, the VMM's other
+  threads and the benchmark's own client run on, applied the same way to both
+  VMMs.
+* :func:`thread_cpu` / :func:`cpu_delta` -- per-thread CPU time of a VMM and
+  how it is attributed (vCPU threads apart from the rest; see bench/README.md).
+* :class:`StreamCheck` -- the host's check of the bytes a guest sends back,
+  every byte (``verify=full``) or a sample (``verify=word``), and
+  :func:`whash`, the guest's word hash.
 * :class:`NotAvailable` -- raised by a workload that cannot run here (no QEMU, a
   guest scenario that does not exist yet); the runner reports the reason.
 * :func:`teststream` -- the guest's xorshift64 test stream (guest/freestanding/
-  teststream.h), generated with numpy, because ``vsock-bulk-recv`` checks every
-  byte it receives against it.
+  teststream.h), generated with numpy: the host sends it, and checks what
+  comes back against it.
 * :func:`percentiles`, :func:`gbit` -- the units the table uses.
 """
 
@@ -22,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +57,14 @@ class WorkloadFailed(Exception):
 # --------------------------------------------------------------------------
 
 def pyvmm_argv(elf: Path, scenario: str, uds: Path, *, metrics: Path | None = None,
-               timeout: float = 300.0) -> list[str]:
-    """``pyvmm run`` with the freestanding guest and a vsock device (CID 3) on ``uds``."""
+               timeout: float = 300.0, placement: "Placement | None" = None) -> list[str]:
+    """``pyvmm run`` with the freestanding guest and a vsock device (CID 3) on
+    ``uds``, its threads placed with ``--vcpu-affinity`` / ``--io-affinity``."""
     argv = [sys.executable, "-m", "pyvmm", "-q", "run", "--kernel", str(elf),
             "--cmdline", scenario, "--vsock", f"{GUEST_CID},uds={uds}",
             "--timeout", f"{timeout:g}"]
+    if placement is not None:
+        argv += placement.pyvmm_args()
     if metrics is not None:
         argv += ["--metrics", str(metrics)]
     return argv
@@ -66,9 +78,12 @@ def qemu_argv(elf: Path, scenario: str, chardev: Path, *, qemu: str = "qemu-syst
     first and QEMU connects at start-up.  ``virtserialport nr=1`` (not
     ``virtconsole``): QEMU flow-controls only non-console ports, so no byte is
     dropped when the socket is slower than the guest (guest/freestanding/README.md).
-    Always ``-nic none`` and no vsock device.
+    Always ``-nic none`` and no vsock device.  ``debug-threads=on`` names
+    QEMU's threads (vCPU: ``CPU 0/KVM``), which placement and the CPU
+    accounting go by; without it every thread is ``qemu-system-x86``.
     """
-    return [qemu, "-M", "microvm", "-accel", "kvm", "-m", "64M", "-smp", "1",
+    return [qemu, "-name", "pyvmm-bench,debug-threads=on",
+            "-M", "microvm", "-accel", "kvm", "-m", "64M", "-smp", "1",
             "-nodefaults", "-no-reboot", "-nographic", "-nic", "none", "-serial", "stdio",
             "-global", "virtio-mmio.force-legacy=false",
             "-device", "virtio-serial-device",
@@ -77,12 +92,117 @@ def qemu_argv(elf: Path, scenario: str, chardev: Path, *, qemu: str = "qemu-syst
             "-kernel", str(elf), "-append", scenario]
 
 
+# --------------------------------------------------------------------------
+# placement: which CPUs the threads run on
+# --------------------------------------------------------------------------
+
+#: vCPU threads by their kernel name (comm): pyvmm's (pyvmm.affinity) and QEMU's
+VCPU_THREAD = re.compile(r"^(pyvmm-vcpu\d+|CPU \d+/KVM)$")
+
+
+def _cpus(cpus) -> str:
+    from pyvmm.affinity import format_cpu_list
+    return format_cpu_list(cpus)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Host CPUs for the VMM's vCPU threads, its other threads (I/O, devices,
+    QEMU's main loop) and the benchmark's client (this process's main thread,
+    so the host end of every socket); None = not pinned."""
+    vcpu: frozenset | None = None
+    io: frozenset | None = None
+    client: frozenset | None = None
+
+    @classmethod
+    def default(cls, available=None) -> "Placement":
+        """The vCPU alone on the first CPU this process may use; the VMM's other
+        threads and the client on the second.  One CPU: nothing pinned."""
+        cpus = sorted(os.sched_getaffinity(0) if available is None else available)
+        if len(cpus) < 2:
+            return cls()
+        return cls(frozenset({cpus[0]}), frozenset({cpus[1]}), frozenset({cpus[1]}))
+
+    @property
+    def pinned(self) -> bool:
+        return any(c is not None for c in (self.vcpu, self.io, self.client))
+
+    def label(self) -> str:
+        if not self.pinned:
+            return "unpinned"
+        return ", ".join(f"{what} {_cpus(c) if c is not None else 'any'}"
+                         for what, c in (("vCPU", self.vcpu), ("I/O", self.io),
+                                         ("client", self.client)))
+
+    def as_dict(self) -> dict:
+        return {k: (_cpus(c) if c is not None else None)
+                for k, c in (("vcpu", self.vcpu), ("io", self.io), ("client", self.client))}
+
+    def pyvmm_args(self) -> list[str]:
+        args = []
+        if self.vcpu is not None:
+            args += ["--vcpu-affinity", _cpus(self.vcpu)]
+        if self.io is not None:
+            args += ["--io-affinity", _cpus(self.io)]
+        return args
+
+    def place_threads(self, pid: int) -> dict[str, str]:
+        """Pin every thread of process ``pid`` now: vCPU threads (by name,
+        :data:`VCPU_THREAD`) to ``vcpu``, the others to ``io``.  For QEMU, which
+        has no such option; returns {thread name: CPU list} of what was done."""
+        done = {}
+        for tid, comm in thread_names(pid).items():
+            cpus = self.vcpu if VCPU_THREAD.match(comm) else self.io
+            if cpus is None:
+                continue
+            try:
+                os.sched_setaffinity(tid, cpus)
+                done[comm] = _cpus(cpus)
+            except OSError:          # the thread ended meanwhile
+                pass
+        return done
+
+    @contextmanager
+    def client_pinned(self):
+        """Run the block with the calling thread on ``client``.  Threads and
+        processes started inside inherit it (the console readers, the VMM
+        subprocess until it places its own threads)."""
+        if self.client is None:
+            yield
+            return
+        saved = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, self.client)
+        try:
+            yield
+        finally:
+            os.sched_setaffinity(0, saved)
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                out[int(tid)] = f.read().rstrip("\n")
+        except OSError:
+            pass
+    return out
+
+
 @dataclass
 class ThreadCpu:
     comm: str
-    user: float        # seconds, including guest time (Linux counts guest time as user time)
-    system: float
-    guest: float       # seconds spent running guest code (KVM_RUN) on this thread
+    user: float        # utime, seconds (proc(5) field 14; includes guest time on hardware KVM)
+    system: float      # stime, seconds (field 15)
+    guest: float       # guest_time, seconds (field 43): ticks the thread was in guest mode
+    #: /proc/<pid>/task/<tid>/schedstat field 1 (sum_exec_runtime, ns), in
+    #: seconds: the thread's exact CPU time, used instead of utime + stime
+    #: (10 ms ticks) where the kernel keeps it
+    run: float | None = None
 
 
 class GuestProcess:
@@ -91,8 +211,14 @@ class GuestProcess:
     ``with GuestProcess(argv, "pyvmm") as g: g.wait_for(r"vsock listening (\\d+)")``
     """
 
-    def __init__(self, argv: list[str], name: str, *, stderr_path: Path | None = None) -> None:
+    def __init__(self, argv: list[str], name: str, *, stderr_path: Path | None = None,
+                 placement: Placement | None = None) -> None:
         self.name = name
+        #: QEMU only (pyvmm places its own threads): pin the process's threads
+        #: per ``placement`` when the first console line arrives, i.e. once
+        #: the vCPU thread exists and before any transfer starts
+        self._place = placement if placement is not None and placement.pinned else None
+        self.placed: dict[str, str] = {}
         self.argv = argv
         self.spawned = time.monotonic()
         self._stderr_path = stderr_path
@@ -116,6 +242,9 @@ class GuestProcess:
     def _read(self) -> None:
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if self._place is not None:
+                self.placed = self._place.place_threads(self.pid)
+                self._place = None
             with self._cond:
                 self.lines.append((time.monotonic(), line.removeprefix(PREFIX)))
                 self._cond.notify_all()
@@ -200,8 +329,23 @@ class GuestProcess:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def parse_stat(text: str, schedstat: str | None = None, tick: int = _TICK) -> ThreadCpu:
+    """One ``/proc/<pid>/task/<tid>/stat`` line (and optionally its ``schedstat``)
+    -> :class:`ThreadCpu`.  comm may hold spaces and parentheses ("CPU 0/KVM"),
+    so the fields are counted from the last ')'."""
+    comm = text[text.index("(") + 1:text.rindex(")")]
+    fields = text.rpartition(")")[2].split()           # fields[0] is field 3
+    run = None
+    if schedstat:
+        ns = int(schedstat.split()[0])
+        run = ns / 1e9 if ns else None                  # 0: schedstat not kept (no CONFIG_SCHED_INFO)
+    return ThreadCpu(comm, int(fields[11]) / tick, int(fields[12]) / tick,
+                     int(fields[40]) / tick, run)
+
+
 def thread_cpu(pid: int) -> dict[int, ThreadCpu]:
-    """utime, stime and guest_time (fields 14, 15, 43 of proc(5)) of every thread."""
+    """utime, stime, guest_time (fields 14, 15, 43 of proc(5)) and the
+    scheduler's run time (schedstat) of every thread of ``pid``."""
     out = {}
     base = f"/proc/{pid}/task"
     try:
@@ -212,29 +356,50 @@ def thread_cpu(pid: int) -> dict[int, ThreadCpu]:
         try:
             with open(f"{base}/{tid}/stat") as f:
                 text = f.read()
+            try:
+                with open(f"{base}/{tid}/schedstat") as f:
+                    sched = f.read()
+            except OSError:
+                sched = None
         except OSError:
             continue
-        comm = text[text.index("(") + 1:text.rindex(")")]
-        fields = text.rpartition(")")[2].split()           # fields[0] is field 3
-        out[int(tid)] = ThreadCpu(comm, int(fields[11]) / _TICK, int(fields[12]) / _TICK,
-                                  int(fields[40]) / _TICK)
+        out[int(tid)] = parse_stat(text, sched)
     return out
 
 
 def cpu_delta(before: dict[int, ThreadCpu], after: dict[int, ThreadCpu]) -> dict[str, float]:
-    """VMM CPU seconds between two :func:`thread_cpu` snapshots.
+    """VMM CPU seconds between two :func:`thread_cpu` snapshots, by thread kind.
 
-    ``vmm`` excludes guest time: the freestanding guest busy-polls its
-    virtqueues, so its vCPU thread is always 100 % busy running *guest* code;
-    that is the guest's cost, not the VMM's.  ``total`` includes it."""
-    user = system = guest = 0.0
+    Each thread's share is its own CPU time over the window (:attr:`ThreadCpu.cpu`,
+    never below 0); nothing is subtracted across threads:
+
+    * ``vmm``: the threads that are **not** vCPU threads (:data:`VCPU_THREAD`):
+      the VMM's I/O work, the figure "excl. vCPU threads";
+    * ``vcpu``: the vCPU threads, whole: guest code plus exit handling.  The
+      freestanding guest busy-polls, so this is ~100 % of the window;
+    * ``total`` = ``vmm`` + ``vcpu``: "incl. vCPU threads";
+    * ``guest``: guest_time of the vCPU threads, each capped at that thread's
+      CPU time, and ``vcpu_exits`` = ``vcpu`` - ``guest``: for information.
+      On PVM a vCPU thread's guest_time can exceed its utime (seen: gt 135
+      ticks, utime 133), so utime - guest_time is not the exit handling there.
+
+    A thread that appears between the snapshots counts from zero."""
+    vmm = vcpu = guest = 0.0
     for tid, a in after.items():
-        b = before.get(tid, ThreadCpu(a.comm, 0.0, 0.0, 0.0))
-        user += a.user - b.user
-        system += a.system - b.system
-        guest += a.guest - b.guest
-    return {"vmm": max(0.0, user - guest) + system, "total": user + system, "guest": guest,
-            "system": system}
+        b = before.get(tid)
+        if b is None:
+            b = ThreadCpu(a.comm, 0.0, 0.0, 0.0, 0.0 if a.run is not None else None)
+        if a.run is not None and b.run is not None:
+            used = max(0.0, a.run - b.run)
+        else:
+            used = max(0.0, a.user - b.user) + max(0.0, a.system - b.system)
+        if VCPU_THREAD.match(a.comm):
+            vcpu += used
+            guest += min(max(0.0, a.guest - b.guest), used)
+        else:
+            vmm += used
+    return {"vmm": vmm, "vcpu": vcpu, "total": vmm + vcpu, "guest": guest,
+            "vcpu_exits": vcpu - guest}
 
 
 # --------------------------------------------------------------------------
@@ -360,6 +525,97 @@ def teststream(n: int) -> memoryview:
     return view
 
 
+_FNV_OFFSET, _FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3
+_whash_cache: dict[int, int] = {}
+
+
+def whash(data) -> int:
+    """The guest's word hash (teststream.h, verify=word): h = FNV offset, then
+    for each little-endian 64-bit word w (the last zero-padded) h = (h + w) * P
+    mod 2^64.  Horner's rule, so numpy does it: h = offset*P^k + sum(w[i]*P^(k-i))
+    per block of k words (uint64 products and sums wrap mod 2^64)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    words = np.zeros(-(-len(raw) // 8), dtype=np.uint64)
+    words.view(np.uint8)[:len(raw)] = raw
+    h, powers = _FNV_OFFSET, {}
+    for start in range(0, len(words), 1 << 20):
+        block = words[start:start + (1 << 20)]
+        k = len(block)
+        if k not in powers:
+            p = np.cumprod(np.full(k, _FNV_PRIME, dtype=np.uint64))     # P^1 .. P^k
+            powers[k] = (p[::-1].copy(), int(p[-1]))
+        rev, pk = powers[k]
+        h = (h * pk + int(np.sum(block * rev, dtype=np.uint64))) & _M64
+    return h
+
+
+def stream_whash(n: int) -> int:
+    """whash of the first ``n`` bytes of the test stream (cached: seconds for 256 MiB)."""
+    if n not in _whash_cache:
+        _whash_cache[n] = whash(teststream(n))
+    return _whash_cache[n]
+
+
+VERIFY_MODES = ("word", "full")
+
+
+def check_guest_result(guest: "GuestProcess", pattern: str, verify: str, total: int) -> None:
+    """The guest's result line (``pattern`` then ``N bytes <fnv|whash> H``): N must be
+    ``total`` and the hash named for the mode; with ``word``, H must be the whash
+    of the stream's first ``total`` bytes (full mode's FNV-1a is byte-serial: the
+    host checks bytes instead)."""
+    m = guest.wait_for(rf"{pattern} (\d+) bytes (fnv|whash) ([0-9a-f]+)")
+    name = "whash" if verify == "word" else "fnv"
+    if int(m.group(1)) != total or m.group(2) != name:
+        raise WorkloadFailed(f"{guest.name}: guest reported {m.group(0)!r}, want {total} bytes "
+                             f"and {name}" + guest.tail())
+    if verify == "word" and int(m.group(3), 16) != stream_whash(total):
+        raise WorkloadFailed(f"{guest.name}: whash {m.group(3)} is not the test stream's "
+                             f"{stream_whash(total):x}" + guest.tail())
+
+
+class StreamCheck:
+    """The host's check of the test stream as it arrives from a guest.
+
+    ``full``: every byte is compared with the stream.  ``word`` (the cheap
+    mode): the first and the last :data:`SAMPLE` bytes of every read are, at
+    whatever offsets the read starts and ends (where a split or a join would
+    go wrong); with the byte count and, for guest->host, the guest's whash of
+    what it sent (:func:`check_guest_result`)."""
+    SAMPLE = 16
+
+    def __init__(self, verify: str, total: int, what: str) -> None:
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify={verify!r}: one of {VERIFY_MODES}")
+        self.full = verify == "full"
+        self.expect = teststream(total)
+        self.what = what
+        self.offset = 0
+        self.checked = 0
+
+    def feed(self, data: memoryview) -> None:
+        n, off = len(data), self.offset
+        if off + n > len(self.expect):
+            raise WorkloadFailed(f"{self.what}: {off + n} bytes, more than the {len(self.expect)} sent")
+        if self.full or n <= 2 * self.SAMPLE:
+            self._compare(data, 0, n)
+        else:
+            self._compare(data, 0, self.SAMPLE)
+            self._compare(data, n - self.SAMPLE, n)
+        self.offset += n
+
+    def _compare(self, data: memoryview, a: int, b: int) -> None:
+        off = self.offset
+        got, want = data[a:b], self.expect[off + a:off + b]
+        same = (np.array_equal(np.frombuffer(got, np.uint8), np.frombuffer(want, np.uint8))
+                if b - a > 65536 else got.tobytes() == want.tobytes())
+        if not same:
+            bad = int(np.argmax(np.frombuffer(got, np.uint8) != np.frombuffer(want, np.uint8)))
+            raise WorkloadFailed(f"{self.what}: byte {off + a + bad} is {got[bad]:#04x}, "
+                                 f"the stream has {want[bad]:#04x}")
+        self.checked += b - a
+
+
 # --------------------------------------------------------------------------
 # numbers
 # --------------------------------------------------------------------------
@@ -401,6 +657,10 @@ class Context:
     qemu: str | None = None          # qemu-system-x86_64, if installed
     log: object = print
     info: dict = field(default_factory=dict)   # extra facts a workload wants in the JSON
+    #: how bytes are checked: "word" (cheap: the guest checks every byte a word
+    #: at a time, the host samples) or "full" (byte for byte on both sides)
+    verify: str = "word"
+    placement: Placement = field(default_factory=Placement)
 
     def need_elf(self) -> Path:
         if self.elf is None:

@@ -6,6 +6,13 @@ metric the table shows the median and, with more than one run, the range
 says why ("not available: ...") instead of stopping the suite, and so does one
 that fails ("FAILED: ...").  Nothing here is a pass/fail test: the "target"
 column only says whether the issue's targets are met on this host, this run.
+
+Two settings apply to every VMM workload and are recorded with each figure:
+``--verify`` (how the transferred bytes are checked: ``word``, the default,
+or ``full``) and the placement (``--vcpu-affinity``, ``--io-affinity``,
+``--client-affinity``, ``--unpinned``; default :meth:`Placement.default`:
+the vCPU alone on the first CPU, the VMM's other threads and this process on
+the second).  The ceilings always run unpinned.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import Context, NotAvailable
+from .common import VERIFY_MODES, Context, NotAvailable, Placement
 from .workloads import METRICS, Workload, load_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,9 +115,9 @@ def _rows() -> list[tuple[str, list[Row]]]:
     cpu = []
     for direction, what in (("g2h", "g->h"), ("h2g", "h->g")):
         for key, label in sizes:
-            cpu.append(Row(f"{what} {label}, excl. guest", f"pyvmm.cpu.{direction}.{key}", None,
-                           f"qemu.cpu.{direction}.{key}"))
-        cpu.append(Row(f"{what} 64 KiB, incl. guest", f"pyvmm.cputotal.{direction}.64k", None,
+            cpu.append(Row(f"{what} {label}, excl. vCPU thr.", f"pyvmm.cpu.{direction}.{key}",
+                           None, f"qemu.cpu.{direction}.{key}"))
+        cpu.append(Row(f"{what} 64 KiB, incl. vCPU thr.", f"pyvmm.cputotal.{direction}.64k", None,
                        f"qemu.cputotal.{direction}.64k"))
     sections.append(("VMM CPU seconds per GB moved (lower is better)", cpu))
     sections.append(("ceiling only", [Row("memcpy (GB/s)", "ceiling.memcpy")]))
@@ -128,6 +135,7 @@ class Outcome:
     why: str = ""
     runs: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    placement: str = "unpinned"         # Placement.label() it ran under
 
 
 def _summary(values: list[float]) -> dict:
@@ -136,8 +144,16 @@ def _summary(values: list[float]) -> dict:
 
 
 def run_workload(w: Workload, ctx: Context, reps: int) -> Outcome:
-    out = Outcome(w)
+    placement = ctx.placement if w.placed else Placement()
+    out = Outcome(w, placement=placement.label())
     t0 = time.monotonic()
+    with placement.client_pinned():
+        _repeat(w, ctx, reps, out)
+    out.seconds = time.monotonic() - t0
+    return out
+
+
+def _repeat(w: Workload, ctx: Context, reps: int, out: Outcome) -> None:
     for i in range(reps):
         print(f"  {w.name}: run {i + 1}/{reps}", file=sys.stderr, flush=True)
         try:
@@ -149,17 +165,17 @@ def run_workload(w: Workload, ctx: Context, reps: int) -> Outcome:
             traceback.print_exc(file=sys.stderr)
             out.status, out.why = "FAILED", f"{type(e).__name__}: {e}".splitlines()[0]
             break
-    out.seconds = time.monotonic() - t0
-    return out
 
 
 def aggregate(outcomes: list[Outcome]) -> dict[str, dict]:
     values: dict[str, list[float]] = {}
+    placement: dict[str, str] = {}
     for o in outcomes:
         for run in o.runs:
             for k, v in run.items():
                 values.setdefault(k, []).append(v)
-    return {k: _summary(v) for k, v in values.items()}
+                placement[k] = o.placement
+    return {k: {**_summary(v), "placement": placement[k]} for k, v in values.items()}
 
 
 def host_facts(ctx: Context) -> dict:
@@ -248,7 +264,7 @@ def _verdict(t: Target, row: Row, stats: dict) -> str:
 
 
 def print_table(stats: dict, outcomes: list[Outcome], facts: dict, quick: bool,
-                out=sys.stdout) -> None:
+                out=sys.stdout, ctx: Context | None = None) -> None:
     w = out.write
     w(f"\npyvmm bench{' --quick' if quick else ''}  {datetime.datetime.now():%Y-%m-%d %H:%M}\n")
     w(f"host: {facts['cpu_model']}, {facts['cpus']} CPUs, kernel {facts['kernel']}, "
@@ -258,6 +274,11 @@ def print_table(stats: dict, outcomes: list[Outcome], facts: dict, quick: bool,
       f"Python {facts['python']}, {facts['qemu'] or 'no QEMU'}\n")
     w("cells: median [min-max] over runs; ratios: pyvmm median / other median; "
       "ceiling = Unix socketpair, same write size\n")
+    if ctx is not None:
+        w(f"placement (pyvmm and QEMU rows): {ctx.placement.label()}; ceilings unpinned\n")
+        how = ("the guest checks every byte word-wise, the host samples each read"
+               if ctx.verify == "word" else "the guest and the host check byte for byte")
+        w(f"verify: {ctx.verify} ({how})\n")
     head = (f"{'':34} {'pyvmm':>22} {'ceiling':>8} {'/ceil':>6} {'QEMU':>8} {'/QEMU':>6}"
             f"  {'published':<11} target\n")
     for title, rows in _rows():
@@ -282,10 +303,26 @@ def print_table(stats: dict, outcomes: list[Outcome], facts: dict, quick: bool,
     w("\nworkloads:\n")
     for o in outcomes:
         status = o.status if o.status == "ok" else f"{o.status}: {o.why}"
-        w(f"  {o.workload.name:32} {len(o.runs)} run(s) {o.seconds:6.1f} s  {status}\n")
+        w(f"  {o.workload.name:32} {len(o.runs)} run(s) {o.seconds:6.1f} s  {status}"
+          f"  [{o.placement}]\n")
 
 
 # --------------------------------------------------------------------------
+
+def make_placement(args) -> Placement:
+    """--unpinned, or Placement.default() with each --*-affinity given replacing its part."""
+    from pyvmm.affinity import cpu_set
+    from pyvmm.errors import ConfigError
+    if args.unpinned:
+        return Placement()
+    base = Placement.default()
+    try:
+        parts = {k: cpu_set(getattr(args, f"{k}_affinity"), f"--{k}-affinity")
+                 for k in ("vcpu", "io", "client")}
+    except ConfigError as e:
+        raise SystemExit(f"python -m bench: error: {e}") from None
+    return Placement(**{k: v if v is not None else getattr(base, k) for k, v in parts.items()})
+
 
 def make_context(quick: bool, tmp: Path) -> Context:
     from pyvmm import images
@@ -303,7 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, help="runs per workload (overrides the defaults)")
     ap.add_argument("--list", action="store_true", help="list the workloads and what they measure")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    ap.add_argument("--verify", choices=VERIFY_MODES, default="word",
+                    help="how the moved bytes are checked: word (default; the guest checks "
+                    "every byte word-wise, the host a sample of each read) or full (byte for "
+                    "byte everywhere, as the tests do)")
+    ap.add_argument("--vcpu-affinity", metavar="CPUS", help="CPUs for the VMMs' vCPU threads "
+                    "(default: the first CPU available)")
+    ap.add_argument("--io-affinity", metavar="CPUS", help="CPUs for the VMMs' other threads "
+                    "(default: the second CPU available)")
+    ap.add_argument("--client-affinity", metavar="CPUS", help="CPUs for this process, the "
+                    "host end of every socket (default: the same as --io-affinity's default)")
+    ap.add_argument("--unpinned", action="store_true", help="pin nothing (the scheduler decides)")
     args = ap.parse_args(argv)
+    placement = make_placement(args)
 
     workloads = load_all()
     if args.only:
@@ -317,13 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as tmp:
         ctx = make_context(args.quick, Path(tmp))
+        ctx.verify, ctx.placement = args.verify, placement
+        print(f"placement: {placement.label()}; verify: {args.verify}", file=sys.stderr)
         facts = host_facts(ctx)
         outcomes = []
         for w in workloads:
             reps = args.reps or (w.quick_reps if args.quick else w.reps)
             outcomes.append(run_workload(w, ctx, reps))
     stats = aggregate(outcomes)
-    print_table(stats, outcomes, facts, args.quick)
+    print_table(stats, outcomes, facts, args.quick, ctx=ctx)
     elapsed = time.monotonic() - started
     print(f"\nwhole suite: {elapsed:.0f} s")
 
@@ -332,11 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         path = RESULTS / f"{stamp}-{facts['hostname']}{'-quick' if args.quick else ''}.json"
         doc = {"quick": args.quick, "seconds": elapsed, "host": facts,
+               "verify": args.verify, "placement": placement.as_dict(),
                "metrics": {k: {**v, "unit": METRICS[k].unit if k in METRICS else "",
                                "better": METRICS[k].better if k in METRICS else ""}
                            for k, v in sorted(stats.items())},
                "workloads": [{"name": o.workload.name, "status": o.status, "why": o.why,
-                              "runs": len(o.runs), "seconds": o.seconds, "doc": o.workload.doc}
+                              "runs": len(o.runs), "seconds": o.seconds,
+                              "placement": o.placement, "doc": o.workload.doc}
                              for o in outcomes],
                "anchors": ANCHOR_NOTE}
         path.write_text(json.dumps(doc, indent=1))

@@ -17,7 +17,7 @@ import sys
 import termios
 import tty
 
-from . import images, layout
+from . import affinity, images, layout
 from .errors import ConfigError, PyvmmError
 from .kvm.host import KvmFlavour, detect
 
@@ -88,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a virtio-vsock device with guest CID; host programs reach guest "
                      "port P by writing 'CONNECT P\\n' to the Unix socket PATH, and a guest "
                      "connect to CID 2 port P goes to PATH_P (Firecracker's protocol)")
+    run.add_argument("--vcpu-affinity", metavar="CPUS", help="host CPUs for the vCPU threads, "
+                     "a list like 0, 1-3 or 0,2 (default: not pinned)")
+    run.add_argument("--io-affinity", metavar="CPUS", help="host CPUs for the device threads "
+                     "(the vsock I/O thread, stdin); same syntax (default: not pinned)")
     run.add_argument("--metrics", metavar="PATH", help="write the device counters as JSON "
                      "to PATH when the run ends")
 
@@ -135,6 +139,8 @@ def cmd_info() -> int:
 def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig   # numpy import only when a VM is made
 
+    vcpu_cpus = affinity.cpu_set(args.vcpu_affinity, "--vcpu-affinity")
+    io_cpus = affinity.cpu_set(args.io_affinity, "--io-affinity")
     kernel, initrd = args.kernel, args.initrd
     if kernel is None:
         kernel = str(images.default_kernel())
@@ -152,7 +158,7 @@ def cmd_run(args) -> int:
     config = MachineConfig(kernel=kernel, initrd=initrd, cmdline=args.cmdline, mem=args.mem,
                            cpus=args.cpus, timeout=args.timeout, serial_out=serial_out,
                            stdin=stdin, default_cmdline=not args.no_default_cmdline,
-                           vsock=args.vsock)
+                           vsock=args.vsock, vcpu_affinity=vcpu_cpus, io_affinity=io_cpus)
     try:
         with Machine(config, host) as vm:
             log.info("host: %s (%s)", host.flavour.value, host.detail)
@@ -165,6 +171,9 @@ def cmd_run(args) -> int:
             log.info("kernel %s (%s, %s), %d MiB, %d vCPU(s)", kernel, vm.kernel.format,
                      vm.kernel.mode.value, args.mem // layout.MiB, args.cpus)
             log.debug("cmdline: %s", vm.cmdline)
+            for what, cpus in (("vCPU threads", vcpu_cpus), ("device threads", io_cpus)):
+                if cpus is not None:
+                    log.info("%s on CPU %s", what, affinity.format_cpu_list(cpus))
             if args.vsock is not None:
                 log.info("vsock: guest CID %d%s", args.vsock.guest_cid,
                          f", host end {args.vsock.uds_path}" if args.vsock.uds_path else "")

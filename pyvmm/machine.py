@@ -9,6 +9,8 @@ talks to the KVM layer)::
                                           kernel, initrd, cmdline, zero page, MP table
                                           vCPUs with their entry state
                       Machine.start():    one thread per vCPU: KVM_RUN -> exit -> device
+                                          (named pyvmm-vcpu<N>, pinned to vcpu_affinity;
+                                          device threads pinned to io_affinity)
                       Machine.wait():     until the guest resets, crashes, or time runs out
 
 A vCPU thread spends its life in ``KVM_RUN`` with the GIL released; when KVM
@@ -24,6 +26,7 @@ a vCPU already inside returns with EINTR).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -33,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from . import layout
+from . import affinity, layout
 from .boot import bootinfo, mptable, x86
 from .boot.cmdline import Cmdline
 from .boot.loader import EntryMode, load_initrd, load_kernel
@@ -83,6 +86,11 @@ class MachineConfig:
     #: further virtio devices, in slot order after vsock (slot i at
     #: layout.mmio_device_base(i), IRQ layout.mmio_device_irq(i))
     virtio_devices: list = field(default_factory=list)
+    #: host CPUs for the vCPU threads / for the device threads (the vsock I/O
+    #: thread, stdin): a CPU list like "0" or "0-1", or a set of ints; None =
+    #: not pinned (pyvmm.affinity)
+    vcpu_affinity: "str | frozenset[int] | None" = None
+    io_affinity: "str | frozenset[int] | None" = None
 
 
 @dataclass
@@ -204,6 +212,8 @@ class Machine:
                               f"{layout.MEM_MIN // layout.MiB} MiB to {layout.MEM_MAX // layout.MiB} MiB")
         if cfg.mem % layout.PAGE_SIZE:
             raise ConfigError(f"--mem {cfg.mem} is not a multiple of 4 KiB")
+        self.vcpu_cpus = affinity.cpu_set(cfg.vcpu_affinity, "--vcpu-affinity")
+        self.io_cpus = affinity.cpu_set(cfg.io_affinity, "--io-affinity")
         self.memory = GuestMemory(cfg.mem)
         self._closers.append(self.memory.close)
         self.kernel = load_kernel(self.memory, cfg.kernel)
@@ -366,17 +376,33 @@ class Machine:
         The vCPU kick signal stays deliverable."""
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
         try:
-            for slot in self.virtio_slots:
-                slot.device.start()
+            with self._io_placement():
+                for slot in self.virtio_slots:
+                    slot.device.start()
+                if self.config.stdin is not None:
+                    threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
             for vcpu in self.vcpus:
                 t = threading.Thread(target=self._vcpu_loop, args=(vcpu,),
                                      name=f"vcpu{vcpu.index}", daemon=True)
                 self._threads.append(t)
                 t.start()
-            if self.config.stdin is not None:
-                threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    @contextlib.contextmanager
+    def _io_placement(self):
+        """Threads started inside run on ``io_cpus``: a new thread inherits the
+        affinity of the thread that creates it, so the creator is pinned for
+        the moment and then put back."""
+        if self.io_cpus is None:
+            yield
+            return
+        saved = os.sched_getaffinity(0)
+        affinity.pin_thread(0, self.io_cpus)
+        try:
+            yield
+        finally:
+            affinity.pin_thread(0, saved)
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Block until the run ends (or ``timeout``, defaulting to the config's).
@@ -453,9 +479,12 @@ class Machine:
         counts: collections.Counter = collections.Counter()
         pio, mmio, lock = self.pio_bus, self.mmio_bus, self._io_lock
         done = self._done
+        affinity.set_thread_name(f"{affinity.VCPU_THREAD_PREFIX}{vcpu.index}")
         if vcpu.index == 0:
             self.timings["first_kvm_run"] = time.monotonic() - self.t0
         try:
+            if self.vcpu_cpus is not None:
+                affinity.pin_thread(0, self.vcpu_cpus)
             while not done.is_set():
                 exit_ = vcpu.run()
                 kind = type(exit_).__name__

@@ -64,3 +64,13 @@ def fnv1a64(data: bytes, h: int = 0xCBF29CE484222325) -> int:
     for b in data:
         h = ((h ^ b) * 0x100000001B3) & MASK
     return h
+
+
+def whash(data: bytes) -> int:
+    """The guest's word hash (verify=word; teststream.h): h = FNV offset, then per
+    little-endian 64-bit word w (the last zero-padded) h = (h + w) * FNV prime."""
+    h = 0xCBF29CE484222325
+    words = np.frombuffer(bytes(data) + bytes(-len(data) % 8), dtype="<u8")
+    for w in words.tolist():
+        h = ((h + w) * 0x100000001B3) & MASK
+    return h

@@ -29,6 +29,8 @@ class Workload:
     reps: int
     quick_reps: int
     produces: tuple[str, ...]       # prefixes of the metric keys it reports
+    #: runs under the run's Placement (the VMM workloads); the ceilings do not
+    placed: bool = True
 
     def makes(self, key: str) -> bool:
         return any(key.startswith(p) for p in self.produces)
@@ -42,9 +44,10 @@ WORKLOADS: list[Workload] = []
 METRICS: dict[str, Metric] = {}
 
 
-def workload(name: str, *, produces: tuple[str, ...], reps: int = 5, quick_reps: int = 1):
+def workload(name: str, *, produces: tuple[str, ...], reps: int = 5, quick_reps: int = 1,
+             placed: bool = True):
     def register(fn):
-        WORKLOADS.append(Workload(name, fn, reps, quick_reps, produces))
+        WORKLOADS.append(Workload(name, fn, reps, quick_reps, produces, placed))
         return fn
     return register
 

@@ -5,7 +5,15 @@ side is this process, talking Unix sockets to either.  Throughput is timed on
 the host side from the first byte to the last, so both VMMs are measured the
 same way whatever their connection set-up looks like.  During that window the
 VMM process's CPU time is read from ``/proc/<pid>/task/*/stat`` (see
-:func:`bench.common.cpu_delta`) and reported per GB moved.
+:func:`bench.common.cpu_delta`) and reported per GB moved, without and with
+the vCPU threads.
+
+Every byte is verified as ``ctx.verify`` says: the guest runs its scenario
+with ``verify=word`` (checks every byte a 64-bit word at a time, prints the
+word hash) or ``verify=full`` (byte for byte, FNV-1a); what the host receives
+goes through :class:`bench.common.StreamCheck` (a sample of every read, or
+every byte), and the guest's result line through
+:func:`bench.common.check_guest_result`.
 """
 
 from __future__ import annotations
@@ -13,9 +21,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..common import (Context, GuestProcess, NotAvailable, WorkloadFailed, accept, cpu_delta,
-                      firecracker_connect, gbit, guest_has, pyvmm_argv, qemu_argv, size_label,
-                      size_name, teststream, unix_listener)
+from ..common import (Context, GuestProcess, NotAvailable, StreamCheck, WorkloadFailed, accept,
+                      check_guest_result, cpu_delta, firecracker_connect, gbit, guest_has,
+                      pyvmm_argv, qemu_argv, size_label, size_name, teststream, unix_listener)
 from . import metric, workload
 
 SIZES = (4096, 65536, 1 << 20)
@@ -29,9 +37,9 @@ for _s in SIZES:
         for _dir, _what in (("g2h", "guest->host"), ("h2g", "host->guest")):
             metric(f"{_vmm}.{_dir}.{_n}", "Gb/s", "higher", f"{_vmm} {_what} {_l}")
             metric(f"{_vmm}.cpu.{_dir}.{_n}", "s/GB", "lower",
-                   f"{_vmm} CPU per GB {_what} {_l} (excl. guest)")
+                   f"{_vmm} CPU per GB {_what} {_l} (excl. vCPU threads)")
             metric(f"{_vmm}.cputotal.{_dir}.{_n}", "s/GB", "lower",
-                   f"{_vmm} CPU per GB {_what} {_l} (incl. guest)")
+                   f"{_vmm} CPU per GB {_what} {_l} (incl. vCPU threads)")
 
 
 def _total(ctx: Context, size: int) -> int:
@@ -41,20 +49,24 @@ def _total(ctx: Context, size: int) -> int:
     return (mib if ctx.quick else 4 * mib) << 20
 
 
-def _receive(conn, guest: GuestProcess, size: int, total: int) -> tuple[int, float, dict]:
-    """Read ``total`` bytes in ``recv_into`` calls of ``size``; returns (bytes
-    after the first read, seconds from the first byte to the last, VMM CPU)."""
+def _receive(conn, guest: GuestProcess, size: int, total: int,
+             check: StreamCheck) -> tuple[int, float, dict]:
+    """Read ``total`` bytes in ``recv_into`` calls of ``size``, each checked;
+    returns (bytes after the first read, seconds from the first byte to the
+    last, VMM CPU)."""
     buf = memoryview(bytearray(size))
     first = conn.recv_into(buf)
     if not first:
         raise WorkloadFailed(f"{guest.name}: the connection closed before any byte" + guest.tail())
     cpu0, t0 = guest.cpu(), time.perf_counter()
+    check.feed(buf[:first])
     got = first
     while got < total:
         n = conn.recv_into(buf)
         if not n:
             raise WorkloadFailed(f"{guest.name}: closed after {got} of {total} bytes"
                                  + guest.tail())
+        check.feed(buf[:n])
         got += n
     dt = time.perf_counter() - t0
     return got - first, dt, cpu_delta(cpu0, guest.cpu())
@@ -73,9 +85,10 @@ def _record(out: dict, key: str, nbytes: int, seconds: float, cpu: dict) -> None
 def pyvmm_g2h(ctx: Context) -> dict[str, float]:
     """pyvmm, guest -> host, one vsock stream, for each write size S.
 
-    The guest runs ``vsock-bulk-send port=5000 bytes=N chunk=min(S, 64 KiB)``
-    (its RW packets are at most 64 KiB); pyvmm connects to ``<uds>_5000``,
-    where this process accepts and ``recv_into``s a buffer of S.  N is 256 MiB
+    The guest runs ``vsock-bulk-send port=5000 bytes=N chunk=min(S, 64 KiB)
+    verify=V`` (its RW packets are at most 64 KiB); pyvmm connects to
+    ``<uds>_5000``, where this process accepts and ``recv_into``s a buffer of
+    S, checking each read (a sample with V = word, all of it with full).  N is 256 MiB
     (64 MiB quick; 64/16 MiB for S = 4 KiB).  One pyvmm process per size."""
     elf = ctx.need_elf()
     out: dict[str, float] = {}
@@ -84,13 +97,15 @@ def pyvmm_g2h(ctx: Context) -> dict[str, float]:
         uds = ctx.path(f"g2h-{size_name(size)}.sock")
         listener = unix_listener(Path(f"{uds}_{PORT}"))
         chunk = min(size, GUEST_VSOCK_CHUNK_MAX)
-        scenario = f"vsock-bulk-send port={PORT} bytes={total} chunk={chunk}"
-        with listener, GuestProcess(pyvmm_argv(elf, scenario, uds), "pyvmm",
-                                    stderr_path=ctx.stderr("pyvmm-g2h")) as guest:
+        scenario = f"vsock-bulk-send port={PORT} bytes={total} chunk={chunk} verify={ctx.verify}"
+        check = StreamCheck(ctx.verify, total, "pyvmm guest->host")
+        with listener, GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement),
+                                    "pyvmm", stderr_path=ctx.stderr("pyvmm-g2h")) as guest:
             conn = accept(listener, guest)
             with conn:
-                nbytes, dt, cpu = _receive(conn, guest, size, total)
+                nbytes, dt, cpu = _receive(conn, guest, size, total, check)
             guest.expect_exit0()
+            check_guest_result(guest, "vsock bulk sent", ctx.verify, total)
         _record(out, f"pyvmm.g2h.{size_name(size)}", nbytes, dt, cpu)
     return out
 
@@ -101,8 +116,8 @@ def pyvmm_g2h(ctx: Context) -> dict[str, float]:
 def pyvmm_h2g(ctx: Context) -> dict[str, float]:
     """pyvmm, host -> guest, one vsock stream, for each write size S.
 
-    The guest runs ``vsock-bulk-recv port=5000 bytes=N listen=1`` and checks
-    every byte against its test stream; once it prints ``vsock listening``
+    The guest runs ``vsock-bulk-recv port=5000 bytes=N listen=1 verify=V`` and
+    checks every byte against its test stream (word-wise with V = word); once it prints ``vsock listening``
     this process connects (``CONNECT 5000``), ``sendall``s the test stream in
     writes of S, and waits for the guest's close (EOF): the time runs from the
     first write to that EOF, i.e. until the guest has every byte.  The guest
@@ -114,8 +129,8 @@ def pyvmm_h2g(ctx: Context) -> dict[str, float]:
     for size in SIZES:
         total = _total(ctx, size)
         uds = ctx.path(f"h2g-{size_name(size)}.sock")
-        scenario = f"vsock-bulk-recv port={PORT} bytes={total} listen=1"
-        with GuestProcess(pyvmm_argv(elf, scenario, uds), "pyvmm",
+        scenario = f"vsock-bulk-recv port={PORT} bytes={total} listen=1 verify={ctx.verify}"
+        with GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement), "pyvmm",
                           stderr_path=ctx.stderr("pyvmm-h2g")) as guest:
             guest.wait_for(rf"^vsock listening {PORT}$")
             with firecracker_connect(uds, PORT) as conn:
@@ -127,6 +142,7 @@ def pyvmm_h2g(ctx: Context) -> dict[str, float]:
                 dt = time.perf_counter() - t0
                 cpu = cpu_delta(cpu0, guest.cpu())
             guest.expect_exit0()
+            check_guest_result(guest, "vsock bulk received", ctx.verify, total)
         _record(out, f"pyvmm.h2g.{size_name(size)}", total, dt, cpu)
     return out
 
@@ -137,8 +153,8 @@ def pyvmm_h2g(ctx: Context) -> dict[str, float]:
 def qemu_g2h(ctx: Context) -> dict[str, float]:
     """QEMU (the peer), guest -> host, one virtio-serial port, per host read size S.
 
-    The same guest ELF runs ``console-bulk-send bytes=N chunk=4096 port=1``
-    under ``qemu-system-x86_64 -M microvm -accel kvm``, its port on a Unix
+    The same guest ELF runs ``console-bulk-send bytes=N chunk=4096 port=1
+    verify=V`` under ``qemu-system-x86_64 -M microvm -accel kvm``, its port on a Unix
     socket chardev that this process listens on, ``recv_into``-ing a buffer of
     S.  The guest's console buffers are 4 KiB, so the guest writes 4 KiB
     whatever S is (pyvmm's guest writes up to 64 KiB): S changes only the
@@ -150,13 +166,16 @@ def qemu_g2h(ctx: Context) -> dict[str, float]:
         chardev = ctx.path(f"qemu-g2h-{size_name(size)}.sock")
         listener = unix_listener(chardev)
         chunk = min(size, GUEST_CONSOLE_CHUNK_MAX)
-        scenario = f"console-bulk-send bytes={total} chunk={chunk} port=1"
+        scenario = f"console-bulk-send bytes={total} chunk={chunk} port=1 verify={ctx.verify}"
+        check = StreamCheck(ctx.verify, total, "qemu guest->host")
         with listener, GuestProcess(qemu_argv(elf, scenario, chardev, qemu=qemu), "qemu",
-                                    stderr_path=ctx.stderr("qemu-g2h")) as guest:
+                                    stderr_path=ctx.stderr("qemu-g2h"),
+                                    placement=ctx.placement) as guest:
             conn = accept(listener, guest)
             with conn:
-                nbytes, dt, cpu = _receive(conn, guest, size, total)
+                nbytes, dt, cpu = _receive(conn, guest, size, total, check)
             guest.expect_exit0()
+            check_guest_result(guest, "console bulk sent", ctx.verify, total)
         _record(out, f"qemu.g2h.{size_name(size)}", nbytes, dt, cpu)
     return out
 
@@ -167,8 +186,8 @@ def qemu_g2h(ctx: Context) -> dict[str, float]:
 def qemu_h2g(ctx: Context) -> dict[str, float]:
     """QEMU (the peer), host -> guest over virtio-serial.
 
-    Guest: ``console-bulk-recv bytes=N port=1`` checks every byte of the test
-    stream; the host writes it in writes of S to the chardev socket, timed
+    Guest: ``console-bulk-recv bytes=N port=1 verify=V`` checks every byte of
+    the test stream; the host writes it in writes of S to the chardev socket, timed
     from the first write to the guest's "console bulk received" line."""
     elf, qemu = ctx.need_elf(), ctx.need_qemu()
     if not guest_has(elf, "console-bulk-recv"):
@@ -179,9 +198,10 @@ def qemu_h2g(ctx: Context) -> dict[str, float]:
         total = _total(ctx, size)
         chardev = ctx.path(f"qemu-h2g-{size_name(size)}.sock")
         listener = unix_listener(chardev)
-        scenario = f"console-bulk-recv bytes={total} port=1"
+        scenario = f"console-bulk-recv bytes={total} port=1 verify={ctx.verify}"
         with listener, GuestProcess(qemu_argv(elf, scenario, chardev, qemu=qemu), "qemu",
-                                    stderr_path=ctx.stderr("qemu-h2g")) as guest:
+                                    stderr_path=ctx.stderr("qemu-h2g"),
+                                    placement=ctx.placement) as guest:
             conn = accept(listener, guest)
             with conn:
                 guest.wait_for(r"^console ready")
@@ -192,5 +212,6 @@ def qemu_h2g(ctx: Context) -> dict[str, float]:
                 dt = time.perf_counter() - t0
                 cpu = cpu_delta(cpu0, guest.cpu())
             guest.expect_exit0()
+            check_guest_result(guest, "console bulk received", ctx.verify, total)
         _record(out, f"qemu.h2g.{size_name(size)}", total, dt, cpu)
     return out

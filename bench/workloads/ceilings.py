@@ -44,7 +44,7 @@ def _child(fn) -> int:
 
 @workload("ceiling-socketpair-throughput",
           produces=("ceiling.socketpair.4k", "ceiling.socketpair.64k", "ceiling.socketpair.1m"),
-          reps=5, quick_reps=3)
+          reps=5, quick_reps=3, placed=False)
 def socketpair_throughput(ctx: Context) -> dict[str, float]:
     """Unix socketpair throughput between two processes, for each write size.
 
@@ -85,7 +85,7 @@ def socketpair_throughput(ctx: Context) -> dict[str, float]:
 
 
 @workload("ceiling-socketpair-pingpong", produces=("ceiling.socketpair.rtt.",),
-          reps=3, quick_reps=1)
+          reps=3, quick_reps=1, placed=False)
 def socketpair_pingpong(ctx: Context) -> dict[str, float]:
     """Unix socketpair ping-pong latency between two processes, per message size.
 
@@ -124,7 +124,7 @@ def socketpair_pingpong(ctx: Context) -> dict[str, float]:
     return out
 
 
-@workload("ceiling-memcpy", produces=("ceiling.memcpy",), reps=5, quick_reps=3)
+@workload("ceiling-memcpy", produces=("ceiling.memcpy",), reps=5, quick_reps=3, placed=False)
 def memcpy(ctx: Context) -> dict[str, float]:
     """memcpy bandwidth: ``np.copyto`` of a 64 MiB array (larger than the
     caches), best of 5 copies, in GB/s (bytes copied, not read+written)."""

@@ -42,7 +42,8 @@ def pyvmm_conn_h2g(ctx: Context) -> dict[str, float]:
     buf = memoryview(bytearray(len(MESSAGE)))
     lat = np.empty(k, dtype=np.int64)
     clock = time.perf_counter_ns
-    with GuestProcess(pyvmm_argv(elf, f"vsock-echo-server port={PORT} conns={k}", uds), "pyvmm",
+    with GuestProcess(pyvmm_argv(elf, f"vsock-echo-server port={PORT} conns={k}", uds,
+                                 placement=ctx.placement), "pyvmm",
                       stderr_path=ctx.stderr("pyvmm-conn")) as guest:
         guest.wait_for(rf"^vsock listening {PORT}$")
         t0 = time.perf_counter()
@@ -86,7 +87,7 @@ def pyvmm_conn_g2h(ctx: Context) -> dict[str, float]:
     buf = bytearray(4096)
     try:
         with GuestProcess(pyvmm_argv(elf, f"vsock-connect-loop port={G2H_PORT} count={k} size=64",
-                                     uds), "pyvmm", stderr_path=ctx.stderr("pyvmm-conng")) as guest:
+                                     uds, placement=ctx.placement), "pyvmm", stderr_path=ctx.stderr("pyvmm-conng")) as guest:
             t0 = None
             for i in range(k):
                 conn = accept(listener, guest)

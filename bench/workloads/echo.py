@@ -4,6 +4,9 @@ pyvmm: the guest runs ``vsock-echo-server`` (echoes every connection until
 the peer shuts down, up to 8 connections at once); the host connects through
 the Firecracker host end.  QEMU: the same guest runs ``console-echo`` on a
 virtio-serial port whose Unix-socket chardev this process listens on.
+The echo streams send the test stream and check what comes back with
+:class:`bench.common.StreamCheck` (a sample of every read with
+``ctx.verify`` = word, every byte with full); the guest only copies.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import time
 
 import numpy as np
 
-from ..common import (Context, GuestProcess, accept, firecracker_connect, gbit, percentiles,
-                      pyvmm_argv, qemu_argv, recv_exact, size_label, size_name, unix_listener)
+from ..common import (Context, GuestProcess, StreamCheck, accept, firecracker_connect, gbit,
+                      percentiles, pyvmm_argv, qemu_argv, recv_exact, size_label, size_name,
+                      teststream, unix_listener)
 from . import metric, workload
 
 RTT_SIZES = (64, 512, 4096)
@@ -70,7 +74,7 @@ def pyvmm_rtt(ctx: Context) -> dict[str, float]:
     uds = ctx.path("rtt.sock")
     scenario = f"vsock-echo-server port={PORT} conns={len(RTT_SIZES)}"
     out: dict[str, float] = {}
-    with GuestProcess(pyvmm_argv(elf, scenario, uds), "pyvmm",
+    with GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement), "pyvmm",
                       stderr_path=ctx.stderr("pyvmm-rtt")) as guest:
         guest.wait_for(rf"^vsock listening {PORT}$")
         for size in RTT_SIZES:
@@ -97,7 +101,7 @@ def qemu_rtt(ctx: Context) -> dict[str, float]:
     out: dict[str, float] = {}
     with unix_listener(chardev) as listener, GuestProcess(
             qemu_argv(elf, f"console-echo bytes={total} port=1", chardev, qemu=qemu), "qemu",
-            stderr_path=ctx.stderr("qemu-rtt")) as guest:
+            stderr_path=ctx.stderr("qemu-rtt"), placement=ctx.placement) as guest:
         with accept(listener, guest) as s:
             guest.wait_for(r"^console ready")
             for size in RTT_SIZES:
@@ -108,10 +112,12 @@ def qemu_rtt(ctx: Context) -> dict[str, float]:
     return out
 
 
-def _echo_stream(socks: list[socket.socket], total: int) -> float:
-    """Write ``total`` bytes on each socket in 64 KiB writes while reading the
-    echo back; seconds until every byte is back (one thread, a selector)."""
-    payload = memoryview(bytes(STREAM_WRITE))
+def _echo_stream(socks: list[socket.socket], total: int, verify: str) -> float:
+    """Write the first ``total`` bytes of the test stream on each socket in
+    64 KiB writes while reading the echo back and checking it (``verify``);
+    seconds until every byte is back (one thread, a selector)."""
+    payload = teststream(total)
+    checks = {s: StreamCheck(verify, total, f"echo stream {i + 1}") for i, s in enumerate(socks)}
     buf = memoryview(bytearray(STREAM_WRITE))
     sent = {s: 0 for s in socks}
     back = {s: 0 for s in socks}
@@ -132,6 +138,7 @@ def _echo_stream(socks: list[socket.socket], total: int) -> float:
                 if n == 0:
                     raise RuntimeError(f"echo closed after {back[s]} of {total} bytes")
                 if n > 0:
+                    checks[s].feed(buf[:n])
                     back[s] += n
                     if back[s] >= total:
                         sel.unregister(s)
@@ -139,7 +146,7 @@ def _echo_stream(socks: list[socket.socket], total: int) -> float:
                         continue
             if events & selectors.EVENT_WRITE and sent[s] < total:
                 try:
-                    sent[s] += s.send(payload[:min(STREAM_WRITE, total - sent[s])])
+                    sent[s] += s.send(payload[sent[s]:sent[s] + STREAM_WRITE])
                 except BlockingIOError:
                     pass
                 if sent[s] >= total:
@@ -155,8 +162,9 @@ def pyvmm_echo_stream(ctx: Context) -> dict[str, float]:
     """pyvmm, bytes both ways at once: echo streams on 1 and on 2 connections.
 
     Guest: ``vsock-echo-server port=1234 conns=3``.  Host: first one
-    connection, then two at once; on each it writes N bytes in 64 KiB writes
-    while reading the echo (a selector loop), until all N are back.  Reported:
+    connection, then two at once; on each it writes N bytes of the test stream
+    in 64 KiB writes while reading the echo (a selector loop) and checking it
+    (a sample of each read, or every byte with --verify full), until all N are back.  Reported:
     N x connections / time, i.e. Gb/s *each way*.  N is 64 MiB (16 MiB quick)
     per connection.  (The guest's ``vsock-bulk-*`` scenarios run one stream
     in one direction only, so this is the workload with several streams.)"""
@@ -164,13 +172,14 @@ def pyvmm_echo_stream(ctx: Context) -> dict[str, float]:
     total = (16 if ctx.quick else 64) << 20
     uds = ctx.path("echo.sock")
     out: dict[str, float] = {}
-    with GuestProcess(pyvmm_argv(elf, f"vsock-echo-server port={PORT} conns=3", uds), "pyvmm",
+    with GuestProcess(pyvmm_argv(elf, f"vsock-echo-server port={PORT} conns=3", uds,
+                                 placement=ctx.placement), "pyvmm",
                       stderr_path=ctx.stderr("pyvmm-echo")) as guest:
         guest.wait_for(rf"^vsock listening {PORT}$")
         for k in (1, 2):
             socks = [firecracker_connect(uds, PORT) for _ in range(k)]
             try:
-                dt = _echo_stream(socks, total)
+                dt = _echo_stream(socks, total, ctx.verify)
             finally:
                 for s in socks:
                     s.close()
@@ -191,9 +200,9 @@ def qemu_echo_stream(ctx: Context) -> dict[str, float]:
     chardev = ctx.path("qemu-echo.sock")
     with unix_listener(chardev) as listener, GuestProcess(
             qemu_argv(elf, f"console-echo bytes={total} port=1", chardev, qemu=qemu), "qemu",
-            stderr_path=ctx.stderr("qemu-echo")) as guest:
+            stderr_path=ctx.stderr("qemu-echo"), placement=ctx.placement) as guest:
         with accept(listener, guest) as s:
             guest.wait_for(r"^console ready")
-            dt = _echo_stream([s], total)
+            dt = _echo_stream([s], total, ctx.verify)
         guest.expect_exit0()
     return {"qemu.echo.1conn": gbit(total, dt)}

@@ -40,7 +40,7 @@ def pyvmm_startup(ctx: Context) -> dict[str, float]:
     metrics = ctx.path("startup-metrics.json")
     with unix_listener(Path(f"{uds}_{PORT}")) as listener:
         with GuestProcess(pyvmm_argv(elf, f"vsock-bulk-send port={PORT} bytes=64", uds,
-                                     metrics=metrics), "pyvmm",
+                                     metrics=metrics, placement=ctx.placement), "pyvmm",
                           stderr_path=ctx.stderr("pyvmm-startup")) as guest:
             t0 = guest.spawned
             conn = accept(listener, guest)
@@ -72,7 +72,8 @@ def qemu_startup(ctx: Context) -> dict[str, float]:
     chardev = ctx.path("qemu-startup.sock")
     with unix_listener(chardev) as listener:
         with GuestProcess(qemu_argv(elf, "console-bulk-send bytes=64 port=1", chardev, qemu=qemu),
-                          "qemu", stderr_path=ctx.stderr("qemu-startup")) as guest:
+                          "qemu", stderr_path=ctx.stderr("qemu-startup"),
+                          placement=ctx.placement) as guest:
             t0 = guest.spawned
             with accept(listener, guest) as conn:
                 conn.recv(64)

@@ -6,11 +6,19 @@
  */
 #include "fmt.h"
 
+/* Eight bytes per step (unaligned 64-bit moves are fine on x86-64), the
+ * rest byte-wise.  Forward only, so memmove may use it when dst < src. */
 void *memcpy(void *dst, const void *src, size_t n)
 {
 	unsigned char *d = dst;
 	const unsigned char *s = src;
 
+	for (; n >= 8; n -= 8, d += 8, s += 8) {
+		uint64_t v;
+
+		__builtin_memcpy(&v, s, sizeof(v));
+		__builtin_memcpy(d, &v, sizeof(v));
+	}
 	while (n--)
 		*d++ = *s++;
 	return dst;

@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "pvh.h"
+#include "teststream.h"
 
 #define CMDLINE_MAX     1024    /* longer command lines are cut here */
 #define ARGS_MAX        32
@@ -36,6 +37,11 @@ const char *arg_value(const struct args *a, const char *key);
 void arg_u64(const struct args *a, const char *key, uint64_t *out,
 	     uint64_t min, uint64_t max);
 
+/* verify=full|word (teststream.h, enum verify_mode): VERIFY_FULL if absent;
+ * anything else prints "<scenario>: bad verify=<value> (full, word)" and
+ * ends the run (exit 1). */
+enum verify_mode arg_verify(const struct args *a);
+
 /* How long the virtio scenarios wait with nothing happening before they
  * give up, in TSC ticks: 2^35, about 13 s at 2.6 GHz.  "idle=TICKS"
  * overrides it. */
@@ -55,6 +61,7 @@ void scenario_loop(const struct args *a) __attribute__((noreturn));
 void scenario_fault(const struct args *a) __attribute__((noreturn));
 void scenario_internal_error(const struct args *a) __attribute__((noreturn));
 void scenario_bootinfo(const struct args *a) __attribute__((noreturn));
+void scenario_stream_cost(const struct args *a) __attribute__((noreturn));
 void scenario_smp(const struct args *a) __attribute__((noreturn));
 /* virtio scenarios (virtio_probe.c, virtio_console.c, vsock_scenarios.c) */
 void scenario_virtio_probe(const struct args *a) __attribute__((noreturn));

@@ -26,6 +26,7 @@ static const struct scenario {
 	{ "internal-error", scenario_internal_error },
 	{ "smp", scenario_smp },
 	{ "bootinfo", scenario_bootinfo },
+	{ "stream-cost", scenario_stream_cost },
 	{ "virtio-probe", scenario_virtio_probe },
 	{ "console-echo", scenario_console_echo },
 	{ "console-bulk-send", scenario_console_bulk_send },
@@ -69,6 +70,18 @@ void arg_u64(const struct args *a, const char *key, uint64_t *out,
 		guest_exit(1);
 	}
 	*out = n;
+}
+
+enum verify_mode arg_verify(const struct args *a)
+{
+	const char *v = arg_value(a, "verify");
+
+	if (!v || !strcmp(v, "full"))
+		return VERIFY_FULL;
+	if (!strcmp(v, "word"))
+		return VERIFY_WORD;
+	say("%s: bad verify=%s (full, word)", a->argv[0], v);
+	guest_exit(1);
 }
 
 void guest_exit(int code)

@@ -26,8 +26,12 @@
  *
  * Scenarios (README.md, "Scenarios"):
  *   console-echo [bytes=N] [port=P] [idle=TICKS]   echo every byte received
- *   console-bulk-send bytes=N [chunk=S] [port=P]   send N bytes of the test stream
- *   console-bulk-recv bytes=N [port=P]             receive and check N bytes of it
+ *   console-bulk-send bytes=N [chunk=S] [port=P] [verify=full|word]
+ *                                                  send N bytes of the test stream
+ *   console-bulk-recv bytes=N [port=P] [verify=full|word]
+ *                                                  receive and check N bytes of it
+ * verify (teststream.h): how the bytes are checked and hashed ("fnv" or
+ * "whash" in the result lines).
  */
 #include <stdint.h>
 
@@ -333,9 +337,10 @@ void scenario_console_echo(const struct args *a)
 
 void scenario_console_bulk_send(const struct args *a)
 {
-	uint64_t total = 0, chunk = CONSOLE_BUF_SIZE, idle = IDLE_TSC_DEFAULT;
-	uint64_t hash = FNV1A64_OFFSET, sent = 0;
-	struct teststream s;
+	uint64_t total = 0, chunk = CONSOLE_BUF_SIZE, idle = IDLE_TSC_DEFAULT, sent = 0;
+	struct stream_end s;
+
+	stream_end_init(&s, arg_verify(a));
 
 	if (!arg_value(a, "bytes")) {
 		say("console-bulk-send: needs bytes=N");
@@ -345,7 +350,6 @@ void scenario_console_bulk_send(const struct args *a)
 	arg_u64(a, "chunk", &chunk, 1, CONSOLE_BUF_SIZE);
 	arg_u64(a, "idle", &idle, 1, UINT64_MAX);
 	console_open(a, idle);
-	teststream_init(&s);
 
 	uint64_t start = rdtsc();
 
@@ -353,8 +357,7 @@ void scenario_console_bulk_send(const struct args *a)
 		uint8_t *out = get_tx_buffer(idle);
 		uint32_t n = (uint32_t)(total - sent < chunk ? total - sent : chunk);
 
-		teststream_fill(&s, out, n);
-		hash = fnv1a64(hash, out, n);
+		stream_end_fill(&s, out, n);
 		send(out, n);
 		sent += n;
 		if (!tx_nfree)
@@ -365,8 +368,8 @@ void scenario_console_bulk_send(const struct args *a)
 	uint64_t ticks = rdtsc() - start;
 
 	say_stats();
-	say("console bulk sent %lu bytes fnv %lx in %lu ticks", (unsigned long)sent,
-	    (unsigned long)hash, (unsigned long)ticks);
+	say("console bulk sent %lu bytes %s %lx in %lu ticks", (unsigned long)sent,
+	    stream_end_hash_name(&s), (unsigned long)stream_end_hash(&s), (unsigned long)ticks);
 	say_tsc_frequency();
 	guest_exit(0);
 }
@@ -374,8 +377,10 @@ void scenario_console_bulk_send(const struct args *a)
 void scenario_console_bulk_recv(const struct args *a)
 {
 	uint64_t total = 0, idle = IDLE_TSC_DEFAULT, got = 0, start = 0;
-	uint64_t hash = FNV1A64_OFFSET, mismatch_at = 0;       /* first bad byte + 1 */
-	struct teststream s;
+	uint64_t mismatch_at = 0;                              /* first bad byte + 1 */
+	struct stream_end s;
+
+	stream_end_init(&s, arg_verify(a));
 
 	if (!arg_value(a, "bytes")) {
 		say("console-bulk-recv: needs bytes=N");
@@ -384,7 +389,6 @@ void scenario_console_bulk_recv(const struct args *a)
 	arg_u64(a, "bytes", &total, 0, UINT64_MAX);
 	arg_u64(a, "idle", &idle, 1, UINT64_MAX);
 	console_open(a, idle);
-	teststream_init(&s);
 
 	/* The time runs from the first byte received to the last. */
 	uint64_t last = rdtsc();
@@ -419,11 +423,10 @@ void scenario_console_bulk_recv(const struct args *a)
 			    (unsigned long)(got + len), (unsigned long)total);
 			guest_exit(1);
 		}
-		size_t good = teststream_check(&s, in, len);
+		size_t good = stream_end_check(&s, in, len);
 
 		if (good != len && !mismatch_at)
 			mismatch_at = got + good + 1;
-		hash = fnv1a64(hash, in, len);
 		got += len;
 
 		struct virtq_buf b = { in, CONSOLE_BUF_SIZE };
@@ -440,8 +443,8 @@ void scenario_console_bulk_recv(const struct args *a)
 		    (unsigned long)got, (unsigned long)total, (unsigned long)(mismatch_at - 1));
 		guest_exit(1);
 	}
-	say("console bulk received %lu bytes fnv %lx in %lu ticks", (unsigned long)got,
-	    (unsigned long)hash, (unsigned long)ticks);
+	say("console bulk received %lu bytes %s %lx in %lu ticks", (unsigned long)got,
+	    stream_end_hash_name(&s), (unsigned long)stream_end_hash(&s), (unsigned long)ticks);
 	say_tsc_frequency();
 	guest_exit(0);
 }

@@ -8,7 +8,9 @@
  *   vsock-bulk-recv port=P bytes=N [listen=1] [cid=C]
  *   vsock-connect-loop port=P count=K [size=S] [cid=C]
  * and, for all: idle=TICKS (IDLE_TSC_DEFAULT), how long nothing may happen
- * before the scenario gives up with a "timeout" line and exit 1.
+ * before the scenario gives up with a "timeout" line and exit 1; for all
+ * but the echo server: verify=full|word (teststream.h), how the bytes are
+ * checked and hashed ("fnv" or "whash" in the result lines).
  *
  * The data sent and checked is the xorshift test stream (teststream.h);
  * the echo server returns whatever it gets, keeping SEQPACKET message ends.
@@ -32,8 +34,8 @@ static uint64_t idle;
 
 /* What a scenario checks of the bytes it receives (on_data mode). */
 static struct {
-	struct teststream stream;
-	uint64_t bytes, hash;
+	struct stream_end stream;
+	uint64_t bytes;
 	uint64_t mismatch_at;           /* first bad byte + 1, or 0 */
 	uint64_t message_size, eoms, eom_errors;
 } rx;
@@ -83,11 +85,10 @@ static void idle_step(uint64_t *last, unsigned progress, const char *what)
 static void check_rx(struct vsock_conn *c, const uint8_t *data, uint32_t len,
 		     uint32_t flags)
 {
-	size_t good = teststream_check(&rx.stream, data, len);
+	size_t good = stream_end_check(&rx.stream, data, len);
 
 	if (good != len && !rx.mismatch_at)
 		rx.mismatch_at = rx.bytes + good + 1;
-	rx.hash = fnv1a64(rx.hash, data, len);
 	rx.bytes += len;
 	if (c->type == VIRTIO_VSOCK_TYPE_SEQPACKET && rx.message_size) {
 		int at_end = rx.bytes % rx.message_size == 0;
@@ -107,21 +108,20 @@ static int init_checked_rx(struct vsock_conn *c)
 	return 0;
 }
 
-static void reset_rx(uint64_t message_size)
+static void reset_rx(uint64_t message_size, enum verify_mode mode)
 {
 	memset(&rx, 0, sizeof(rx));
-	teststream_init(&rx.stream);
-	rx.hash = FNV1A64_OFFSET;
+	stream_end_init(&rx.stream, mode);
 	rx.message_size = message_size;
 }
 
 /*
- * Send `total` bytes of stream s on c, at most `chunk` bytes per packet,
- * hashing them into *hash; on SEQPACKET the last packet carries EOM.  Polls
+ * Send `total` bytes of stream s on c, at most `chunk` bytes per packet
+ * (s hashes them); on SEQPACKET the last packet carries EOM.  Polls
  * the driver while it waits for credit or tx buffers.
  */
-static void send_stream(struct vsock_conn *c, struct teststream *s, uint64_t total,
-			uint32_t chunk, uint64_t *hash, const char *what)
+static void send_stream(struct vsock_conn *c, struct stream_end *s, uint64_t total,
+			uint32_t chunk, const char *what)
 {
 	uint64_t sent = 0, last = rdtsc();
 	uint32_t staged = 0, off = 0;
@@ -144,8 +144,7 @@ static void send_stream(struct vsock_conn *c, struct teststream *s, uint64_t tot
 		}
 		if (off == staged) {
 			staged = (uint32_t)(total - sent < chunk ? total - sent : chunk);
-			teststream_fill(s, stage, staged);
-			*hash = fnv1a64(*hash, stage, staged);
+			stream_end_fill(s, stage, staged);
 			off = 0;
 		}
 		uint32_t eom = c->type == VIRTIO_VSOCK_TYPE_SEQPACKET &&
@@ -315,8 +314,9 @@ static uint16_t parse_type(const struct args *a)
 void scenario_vsock_echo_client(const struct args *a)
 {
 	uint32_t port = need_port(a);
-	uint64_t size = 4096, count = 1, cid, tx_hash = FNV1A64_OFFSET;
-	struct teststream tx;
+	uint64_t size = 4096, count = 1, cid;
+	enum verify_mode mode = arg_verify(a);
+	struct stream_end tx;
 
 	arg_u64(a, "size", &size, 1, 1ull << 32);
 	arg_u64(a, "count", &count, 1, UINT64_MAX);
@@ -325,8 +325,8 @@ void scenario_vsock_echo_client(const struct args *a)
 
 	uint16_t type = parse_type(a);
 
-	reset_rx(size);
-	teststream_init(&tx);
+	reset_rx(size, mode);
+	stream_end_init(&tx, mode);
 
 	struct vsock_conn *c = vsock_connect(cid, port, type, init_checked_rx);
 
@@ -338,7 +338,7 @@ void scenario_vsock_echo_client(const struct args *a)
 	for (uint64_t i = 1; i <= count; i++) {
 		uint64_t last = rdtsc();
 
-		send_stream(c, &tx, size, VSOCK_TX_PAYLOAD, &tx_hash, "vsock echo client");
+		send_stream(c, &tx, size, VSOCK_TX_PAYLOAD, "vsock echo client");
 		while (rx.bytes < i * size) {
 			if (c->state != VSOCK_ESTABLISHED) {
 				say("vsock echo client: connection ended after %lu of %lu "
@@ -407,8 +407,9 @@ static struct vsock_conn *bulk_open(const struct args *a, uint32_t port,
 void scenario_vsock_bulk_send(const struct args *a)
 {
 	uint32_t port = need_port(a);
-	uint64_t total = 0, chunk = 4096, cid, hash = FNV1A64_OFFSET;
-	struct teststream s;
+	uint64_t total = 0, chunk = 4096, cid;
+	enum verify_mode mode = arg_verify(a);
+	struct stream_end s;
 
 	if (!arg_value(a, "bytes")) {
 		say("vsock-bulk-send: needs bytes=N");
@@ -418,13 +419,13 @@ void scenario_vsock_bulk_send(const struct args *a)
 	arg_u64(a, "chunk", &chunk, 1, VSOCK_TX_PAYLOAD);
 	common_args(a, &cid);
 	vsock_open(a, idle);
-	reset_rx(0);
+	reset_rx(0, mode);
 
 	struct vsock_conn *c = bulk_open(a, port, cid, "vsock bulk send");
 	uint64_t start = rdtsc();
 
-	teststream_init(&s);
-	send_stream(c, &s, total, (uint32_t)chunk, &hash, "vsock bulk send");
+	stream_end_init(&s, mode);
+	send_stream(c, &s, total, (uint32_t)chunk, "vsock bulk send");
 	wait_tx_idle("vsock bulk send");
 
 	uint64_t ticks = rdtsc() - start;
@@ -432,8 +433,8 @@ void scenario_vsock_bulk_send(const struct args *a)
 
 	if (why)
 		say("vsock bulk send: close: %s", why);
-	say("vsock bulk sent %lu bytes fnv %lx in %lu ticks", (unsigned long)total,
-	    (unsigned long)hash, (unsigned long)ticks);
+	say("vsock bulk sent %lu bytes %s %lx in %lu ticks", (unsigned long)total,
+	    stream_end_hash_name(&s), (unsigned long)stream_end_hash(&s), (unsigned long)ticks);
 	say_tsc_frequency();
 	vsock_say_stats();
 	guest_exit(0);
@@ -443,6 +444,7 @@ void scenario_vsock_bulk_recv(const struct args *a)
 {
 	uint32_t port = need_port(a);
 	uint64_t total = 0, cid;
+	enum verify_mode mode = arg_verify(a);
 
 	if (!arg_value(a, "bytes")) {
 		say("vsock-bulk-recv: needs bytes=N");
@@ -451,7 +453,7 @@ void scenario_vsock_bulk_recv(const struct args *a)
 	arg_u64(a, "bytes", &total, 0, UINT64_MAX);
 	common_args(a, &cid);
 	vsock_open(a, idle);
-	reset_rx(0);
+	reset_rx(0, mode);
 
 	struct vsock_conn *c = bulk_open(a, port, cid, "vsock bulk recv");
 	uint64_t start = rdtsc(), last = start;
@@ -478,8 +480,9 @@ void scenario_vsock_bulk_recv(const struct args *a)
 	}
 	if (why)
 		say("vsock bulk recv: close: %s", why);
-	say("vsock bulk received %lu bytes fnv %lx in %lu ticks", (unsigned long)rx.bytes,
-	    (unsigned long)rx.hash, (unsigned long)ticks);
+	say("vsock bulk received %lu bytes %s %lx in %lu ticks", (unsigned long)rx.bytes,
+	    stream_end_hash_name(&rx.stream), (unsigned long)stream_end_hash(&rx.stream),
+	    (unsigned long)ticks);
 	say_tsc_frequency();
 	vsock_say_stats();
 	guest_exit(0);
@@ -496,15 +499,16 @@ void scenario_vsock_bulk_recv(const struct args *a)
 void scenario_vsock_connect_loop(const struct args *a)
 {
 	uint32_t port = need_port(a);
-	uint64_t size = 64, count = 1, cid, tx_hash = FNV1A64_OFFSET;
-	struct teststream tx;
+	uint64_t size = 64, count = 1, cid;
+	enum verify_mode mode = arg_verify(a);
+	struct stream_end tx;
 
 	arg_u64(a, "size", &size, 1, 1ull << 32);
 	arg_u64(a, "count", &count, 1, UINT64_MAX);
 	common_args(a, &cid);
 	vsock_open(a, idle);
-	reset_rx(0);
-	teststream_init(&tx);
+	reset_rx(0, mode);
+	stream_end_init(&tx, mode);
 
 	uint64_t start = rdtsc();
 
@@ -519,7 +523,7 @@ void scenario_vsock_connect_loop(const struct args *a)
 			vsock_say_stats();
 			guest_exit(1);
 		}
-		send_stream(c, &tx, size, VSOCK_TX_PAYLOAD, &tx_hash, "vsock connect loop");
+		send_stream(c, &tx, size, VSOCK_TX_PAYLOAD, "vsock connect loop");
 		while (rx.bytes < i * size) {
 			if (c->state != VSOCK_ESTABLISHED) {
 				say("vsock connect loop: FAILED: connection %lu of %lu ended "

@@ -44,6 +44,10 @@ def elf(tmp_path):
     (["--kernel", "/etc/passwd", "--mem", "1M"], "--mem 1 MiB is out of range"),
     (["--kernel", "/etc/passwd", "--mem", "8G"], "out of range"),
     (["--kernel", "/etc/passwd", "--cpus", "0"], "at least one vCPU"),
+    (["--kernel", "/etc/passwd", "--vcpu-affinity", "0-"], "--vcpu-affinity '0-': expected CPU"),
+    (["--kernel", "/etc/passwd", "--io-affinity", "1-0"], "range 1-0 ends before it starts"),
+    (["--kernel", "/etc/passwd", "--io-affinity", "4095"], "CPU 4095 is not available"),
+    (["--kernel", "/etc/passwd", "--vcpu-affinity", ""], "--vcpu-affinity '': expected CPU"),
 ])
 def test_bad_requests(args, fragment):
     assert_one_line_error(pyvmm("run", *args), fragment)
