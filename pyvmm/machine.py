@@ -9,8 +9,10 @@ talks to the KVM layer)::
                                           kernel, initrd, cmdline, zero page, MP table
                                           vCPUs with their entry state
                       Machine.start():    one thread per vCPU: KVM_RUN -> exit -> device
-                                          (named pyvmm-vcpu<N>, pinned to vcpu_affinity;
-                                          device threads pinned to io_affinity)
+                                          (named pyvmm-vcpu<N>, pinned to vcpu_affinity)
+                                          one device I/O thread, "pyvmm-io", for every
+                                          virtio device (ioeventfds, host sockets), and
+                                          stdin's: pinned to io_affinity
                       Machine.wait():     until the guest resets, crashes, or time runs out
 
 A vCPU thread spends its life in ``KVM_RUN`` with the GIL released; when KVM
@@ -48,6 +50,8 @@ from .errors import ConfigError, KvmError, PyvmmError
 from .kvm import Kvm, abi, exits
 from .kvm.host import PVM_CMDLINE, HostInfo, detect
 from .memory import GuestMemory
+from .virtio.device import VirtioDevice
+from .virtio.eventloop import EventLoop
 from .virtio.mmio import MmioTransport
 
 log = logging.getLogger("pyvmm")
@@ -105,8 +109,8 @@ class VirtioSlot:
     index: int
     base: int
     irq: int
-    device: object
-    transport: object
+    device: VirtioDevice
+    transport: MmioTransport
     #: (queue index, eventfd) pairs: KVM signals the eventfd when the guest
     #: writes that index to QueueNotify (KVM_IOEVENTFD with datamatch)
     queue_eventfds: list[tuple[int, int]]
@@ -177,6 +181,16 @@ def _name_insn(code: bytes) -> str:
     return "an instruction KVM could not emulate"
 
 
+def _build_vsock(cfg: VsockConfig):
+    """The vsock device and its host ends: the Python API (asked first for guest
+    connects), then Firecracker's Unix socket if ``cfg.uds_path``.  Nothing is
+    bound yet: the Unix backend binds when the device is attached to the loop."""
+    from .vsock import UnixBackend, VsockApi, VsockDevice
+    api = VsockApi()
+    backends = [api] + ([UnixBackend(cfg.uds_path)] if cfg.uds_path else [])
+    return VsockDevice(cfg.guest_cid, backends), api
+
+
 class Machine:
     def __init__(self, config: MachineConfig, host: HostInfo | None = None) -> None:
         self.config = config
@@ -244,16 +258,20 @@ class Machine:
                                        self.memory.host_address)
 
         self._build_devices()
+        #: the one device I/O loop; its thread (IO_THREAD_NAME) starts in start()
+        self.io_loop = EventLoop()
+        self._closers.append(self.io_loop.close)
         devices = list(cfg.virtio_devices)
-        self.vsock_device = None
+        self.vsock_device = self.vsock_api = None
         if cfg.vsock is not None:
-            from .vsock.device import VsockDevice
-            self.vsock_device = VsockDevice(cfg.vsock.guest_cid, uds_path=cfg.vsock.uds_path)
-            self._closers.append(self.vsock_device.close)
+            self.vsock_device, self.vsock_api = _build_vsock(cfg.vsock)
             devices.insert(0, self.vsock_device)
         self.virtio_slots = []
         for device in devices:
+            self._closers.append(device.close)
+            device.attach_loop(self.io_loop)
             self.virtio_slots.append(self._add_virtio_device(device))
+        self._closers.append(self._stop_io)
 
         self.cmdline = self._make_cmdline()
         bootinfo.write_cmdline(self.memory, self.cmdline.as_bytes())
@@ -320,11 +338,11 @@ class Machine:
         self.boot_timer = BootTimer(start=self.t0)
         self.pio_bus.insert(layout.BOOT_TIMER_PORT, 1, self.boot_timer, "boot-timer")
 
-    def _add_virtio_device(self, device) -> VirtioSlot:
+    def _add_virtio_device(self, device: VirtioDevice) -> VirtioSlot:
         """Map ``device`` on the next virtio-mmio slot: transport on the MMIO bus,
         interrupt through an irqfd, one ioeventfd per queue (no vCPU exit to
-        Python on a queue notify).  The device's own I/O thread watches the
-        eventfds (``device.event_loop.add_reader``)."""
+        Python on a queue notify).  The machine's I/O thread watches the
+        eventfds (``device.add_reader``)."""
         index = len(self.virtio_slots)
         base, irq = layout.mmio_device_base(index), layout.mmio_device_irq(index)
         transport = MmioTransport(device, self.memory, self._eventfd_irq(irq))
@@ -337,7 +355,6 @@ class Machine:
             self.vm.register_ioeventfd(fd, base + MmioTransport.NOTIFY_OFFSET, 4, datamatch=q)
             queue_eventfds.append((q, fd))
             device.add_reader(fd, self._queue_kick(fd, transport, q))
-        self._closers.append(device.stop)
         return VirtioSlot(index, base, irq, device, transport, queue_eventfds)
 
     @staticmethod
@@ -350,12 +367,18 @@ class Machine:
             transport.queue_notify(q)
         return kick
 
+    def _stop_io(self) -> None:
+        """The devices stop their host-side work, then the I/O thread stops."""
+        for slot in self.virtio_slots:
+            slot.device.stop()
+        self.io_loop.stop_thread()
+
     @property
     def vsock(self):
         """The vsock device's Python API: ``connect(port)``, ``listen(port)``, ``counters()``."""
-        if self.vsock_device is None:
+        if self.vsock_api is None:
             raise PyvmmError("this machine has no vsock device (MachineConfig.vsock)")
-        return self.vsock_device.api
+        return self.vsock_api
 
     def _serial_writer(self, out: BinaryIO):
         def write(data: bytes) -> None:
@@ -367,7 +390,7 @@ class Machine:
 
     # -- running ----------------------------------------------------------------
     def start(self) -> None:
-        """Start the devices' I/O threads and one thread per vCPU; returns at once.
+        """Start the devices, the I/O thread and one thread per vCPU; returns at once.
 
         The threads are created with the process's termination signals blocked
         (they inherit the mask), so SIGINT and friends reach the main thread:
@@ -379,6 +402,7 @@ class Machine:
             with self._io_placement():
                 for slot in self.virtio_slots:
                     slot.device.start()
+                self.io_loop.start_thread()
                 if self.config.stdin is not None:
                     threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
             for vcpu in self.vcpus:

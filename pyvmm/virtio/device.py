@@ -19,8 +19,32 @@ Initialization")::
 ``reset()`` must return only once the device has stopped touching its
 queues and calling ``interrupt`` (§2.4: no notifications or queue access
 after the reset completes); the transport has already stopped the
-:class:`~pyvmm.virtio.queue.Queue` objects so that a straggling device
-thread finds them empty.
+:class:`~pyvmm.virtio.queue.Queue` objects so that a straggling job on the
+I/O loop finds them empty.
+
+The calls a device receives from the machine, which owns one
+:class:`~pyvmm.virtio.eventloop.EventLoop` and its thread ("pyvmm-io") for
+all the virtio devices it has::
+
+    attach_loop(loop)      once, before the transport is built; host
+                           resources are acquired here (ConfigError)
+    add_reader(fd, cb)     one per queue: the queue's ioeventfd (KVM_IOEVENTFD
+                           on QueueNotify, datamatch = queue index); cb reads
+                           the eventfd and calls transport.queue_notify(q)
+    start()                the machine starts (just before the loop thread)
+    stop()                 the machine stops (the loop thread still runs)
+    close()                after the loop thread is gone: release everything
+
+The one loop thread runs every device's callbacks, one at a time, so a
+device's loop-owned state needs no lock, and no device may block the loop.
+Why a vCPU may wait for the loop (``activate``/``reset`` under the
+transport's register lock) without deadlock: no loop callback, of any
+device, takes a lock that a vCPU holds while it calls into a device (a
+transport's register lock, the machine's bus lock).  The only transport code
+a loop callback runs is ``transport.queue_notify`` (lock-free) and the
+``interrupt``/queue-broken callables (the transport's small ISR lock, never
+held while calling a device).  Waits for the loop are bounded
+(:data:`~pyvmm.virtio.eventloop.LOOP_WAIT`).
 """
 
 from __future__ import annotations
@@ -30,7 +54,9 @@ import contextlib
 from enum import IntEnum, IntFlag
 from typing import Callable, Iterator, Sequence
 
+from ..errors import PyvmmError
 from ..memory import GuestMemory
+from .eventloop import EventLoop
 from .queue import Queue
 
 __all__ = [
@@ -108,10 +134,13 @@ class VirtioDevice(abc.ABC):
     """What a transport needs from a virtio device.
 
     Subclasses set the class (or instance) attributes and implement the
-    three abstract methods.  Any method may be called from the vCPU thread;
-    it must not block, and must not raise for any value the guest can
-    produce (the transport catches and logs what escapes anyway, and marks
-    the device DEVICE_NEEDS_RESET).
+    three abstract methods.  Any transport-facing method may be called from
+    the vCPU thread; it must not block (beyond a bounded wait for the I/O
+    loop), and must not raise for any value the guest can produce (the
+    transport catches and logs what escapes anyway, and marks the device
+    DEVICE_NEEDS_RESET).  The machine-facing methods (:meth:`attach_loop`,
+    :meth:`add_reader`, :meth:`start`, :meth:`stop`, :meth:`close`) have
+    defaults that suit a device whose only host-side work is its queues.
     """
 
     #: VIRTIO_ID_*: what the driver binds to (e.g. VIRTIO_ID_VSOCK)
@@ -126,6 +155,41 @@ class VirtioDevice(abc.ABC):
     config_generation: int = 0
     #: the features the driver accepted, set by ack_features()
     acked_features: int = 0
+    #: the machine's device I/O loop, set by attach_loop()
+    loop: EventLoop | None = None
+
+    # -- the machine's side ------------------------------------------------------------
+    def attach_loop(self, loop: EventLoop) -> None:
+        """Run on ``loop`` (the machine's, shared with its other virtio devices).
+
+        Called once, before the transport exists and before the loop thread
+        starts.  A device that needs host resources (sockets) acquires them
+        here, raising ConfigError if it cannot.
+        """
+        if self.loop is not None:
+            raise PyvmmError(f"{type(self).__name__} is already attached to an I/O loop")
+        self.loop = loop
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        """Have the I/O loop thread call ``callback()`` when ``fd`` is readable:
+        how the machine wires each queue's ioeventfd.  Any thread, before or
+        after the loop thread starts; returns once registered."""
+        self.loop.run_in_loop(self.loop.add_reader, fd, callback, wait=True)
+
+    def remove_reader(self, fd: int) -> None:
+        """Undo :meth:`add_reader` (any thread)."""
+        self.loop.run_in_loop(self.loop.remove_reader, fd, wait=True)
+
+    def start(self) -> None:
+        """Begin host-side work (e.g. accept host connections); idempotent."""
+
+    def stop(self) -> None:
+        """End host-side work and drop host connections; idempotent.  The
+        loop may still run: work on loop-owned state goes through it."""
+
+    def close(self) -> None:
+        """Release every host resource (the loop thread has stopped); idempotent."""
+        self.stop()
 
     def ack_features(self, features: int) -> None:
         """The driver set FEATURES_OK with ``features`` (a subset of the offer)."""

@@ -2,51 +2,63 @@
 
 This module owns the device as the transport and the machine see it: device
 ID 19, three virtqueues, the ``guest_cid`` config field, feature bits, the
-event queue, the device's I/O thread, and moving buffers between the
-virtqueues and the :class:`~pyvmm.vsock.muxer.VsockMuxer`.  It knows nothing
-about connections or sockets (Firecracker ``vsock/device.rs``).
+event queue, handing its backends the host face they use, and moving buffers
+between the virtqueues and the :class:`~pyvmm.vsock.muxer.VsockMuxer`.  It
+knows nothing about connections or sockets (Firecracker ``vsock/device.rs``),
+and it never builds its host ends: it is given them as
+:class:`~pyvmm.vsock.backend.VsockBackend` objects.
 
 Contract with the machine
 -------------------------
 
-Construction and lifetime::
+Construction and lifetime (the :class:`~pyvmm.virtio.device.VirtioDevice`
+machine contract)::
 
-    dev = VsockDevice(guest_cid, uds_path=None, *, clock=time.monotonic,
-                      max_connections=1023, conn_buf_size=256 KiB)
+    api = VsockApi()                                  # the Python API
+    unix = UnixBackend(uds_path)                      # Firecracker's Unix end
+    dev = VsockDevice(guest_cid, [api, unix], max_connections=1023,
+                      conn_buf_size=256 KiB)
         # guest_cid: 3 .. 2**32-2 (0, 1, 2, 2**32-1 reserved; upper 32 bits zero)
-        # uds_path: Firecracker-style host end, bound HERE (ConfigError if busy);
-        #   also binds uds_path + ".seqpacket"; guest->host goes to f"{uds_path}_{port}"
+        # backends: asked in this order for guest connects to CID 2
         # conn_buf_size: the buf_alloc each connection advertises (64 KiB .. 64 MiB), within
         #   the muxer's global TX_BUFFER_BUDGET
+    dev.attach_loop(loop)           # the machine's I/O loop; the backends attach
+                                    #   here (unix binds uds_path and
+                                    #   uds_path.seqpacket: ConfigError if busy)
     transport = MmioTransport(dev, memory, irq_trigger)   # as any virtio device
     dev.add_reader(fd, callback)    # the ioeventfd of each queue, see below
-    dev.start()                     # starts thread "pyvmm-vsock" (the device thread)
+    dev.start()                     # the backends start serving
+    loop.start_thread()             # the machine's one I/O thread, "pyvmm-io"
     ...
-    dev.stop()                      # stops and joins the thread (idempotent)
-    dev.close()                     # stop(), drop connections, unlink uds_path(s)
+    dev.stop()                      # drop connections, stop the backends (idempotent)
+    loop.stop_thread()
+    dev.close()                     # stop(), forget the queues
 
 ioeventfd: for each queue q (0 rx, 1 tx, 2 event) the machine registers
 KVM_IOEVENTFD (QueueNotify, datamatch q) on an eventfd ``efd_q`` and calls
 ``dev.add_reader(efd_q, cb_q)`` where ``cb_q`` reads the eventfd (8 bytes,
 non-blocking) and calls ``transport.queue_notify(q)``.  The callback runs on
-the device thread, so ``queue_notify`` -> our :meth:`queue_notify` processes
+the I/O thread, so ``queue_notify`` -> our :meth:`queue_notify` processes
 the queue right there.  (A QueueNotify that reaches the transport through an
 MMIO write instead runs on a vCPU thread; :meth:`queue_notify` then only hands
-the work to the device thread.)  ``add_reader`` may be called before or after
-``start()``, from any thread.
+the work to the I/O thread.)  ``add_reader`` may be called before or after
+the loop thread starts, from any thread.
 
 irqfd: ``interrupt`` (given to :meth:`activate` by the transport) is called
-from the device thread, once per batch, only when
+from the I/O thread, once per batch, only when
 ``queue.needs_notification()`` says the driver wants it (VIRTIO_F_EVENT_IDX
 or VIRTQ_AVAIL_F_NO_INTERRUPT).
 
-Python API (``dev.api``, a :class:`~pyvmm.vsock.unix.VsockApi`, any thread):
-``connect(port, type=STREAM, timeout=5.0) -> socket.socket``,
-``connect_async(port, type) -> concurrent.futures.Future``,
-``listen(port, type=STREAM, backlog=16) -> VsockListener`` (``accept(timeout)
--> (sock, (guest_cid, guest_port))``, ``close()``), ``counters() -> dict``,
-``transport_reset()``.  ``type`` is ``VirtioVsockType.VIRTIO_VSOCK_TYPE_STREAM``
-(1) or ``..._SEQPACKET`` (2).
+Backends (:mod:`~pyvmm.vsock.backend`): each gets the device's
+:class:`~pyvmm.vsock.backend.VsockHost` in :meth:`attach_loop`, ``start()``
+in :meth:`start` and ``stop()`` in :meth:`stop`, all on the I/O thread (or
+inline while it does not run).  The Python API users see (``Machine.vsock``)
+is the :class:`~pyvmm.vsock.unix.VsockApi` backend: ``connect(port,
+type=STREAM, timeout=5.0) -> socket.socket``, ``connect_async(port, type) ->
+concurrent.futures.Future``, ``listen(port, type=STREAM, backlog=16) ->
+VsockListener`` (``accept(timeout) -> (sock, (guest_cid, guest_port))``,
+``close()``), ``counters() -> dict``, ``transport_reset()``.  ``type`` is
+``VirtioVsockType.VIRTIO_VSOCK_TYPE_STREAM`` (1) or ``..._SEQPACKET`` (2).
 
 Metrics: ``dev.counters()`` returns a fresh dict: every name in
 :data:`~pyvmm.vsock.muxer.METRIC_NAMES` ("tx" = guest -> host, "rx" = host ->
@@ -58,20 +70,27 @@ refused, RSTs sent/received, credit violations, bad chains, ...), plus
 Threads, and why ``reset()`` cannot deadlock
 -----------------------------------------------
 
-All vsock state (queues, muxer, connections, sockets) belongs to the device
-thread; other threads hand it work with ``loop.call_soon_threadsafe``.  The
+All vsock state (queues, muxer, connections, sockets, the backends' state)
+belongs to the machine's I/O thread, the one thread of the
+:class:`~pyvmm.virtio.eventloop.EventLoop` that every virtio device of the
+machine shares; other threads hand it work with
+``loop.call_soon_threadsafe`` (:meth:`EventLoop.run_in_loop`).  The
 transport calls :meth:`activate` and :meth:`reset` on a vCPU thread while
-holding its register lock, and §2.4 wants the device quiet when reset
-returns, so those two *wait* (bounded, :data:`RESET_WAIT`) for the device
-thread to run the job.  That is deadlock-free because the device thread
-never takes the transport's register lock: the only transport code it runs
-is ``transport.queue_notify`` (lock-free by design) and the ``interrupt`` /
-queue-broken callables, which take only the transport's small ISR lock, and
-the transport never holds that while calling the device.  The transport has
-already stopped the queues and bumped its epoch before ``reset()``, so even a
-job in flight finds empty queues and a no-op ``interrupt``.  Before
-``start()`` (and in unit tests) there is no device thread: every call runs
-inline on the caller's thread, which must then be the only one.
+holding its register lock (and the machine's bus lock), and §2.4 wants the
+device quiet when reset returns, so those two *wait* (bounded,
+:data:`~pyvmm.virtio.eventloop.LOOP_WAIT`) for the I/O thread to run the
+job.  That is deadlock-free because no callback on the I/O thread, of this
+device or any other, takes a lock a vCPU holds while calling a device: the
+only transport code this device runs there is ``transport.queue_notify``
+(lock-free by design) and the ``interrupt`` / queue-broken callables, which
+take only the transport's small ISR lock, and the transport never holds
+that while calling the device (:mod:`pyvmm.virtio.device` states the rule
+for every device).  The wait may include a batch of another device's work;
+batches are bounded (:data:`BATCH` here).  The transport has already
+stopped the queues and bumped its epoch before ``reset()``, so even a job in
+flight finds empty queues and a no-op ``interrupt``.  Before the loop thread
+starts (and in unit tests) every call runs inline on the caller's thread,
+which must then be the only one.
 
 Feature bits (§5.10.3)
 ----------------------
@@ -107,23 +126,21 @@ from __future__ import annotations
 
 import logging
 import struct
-import threading
-import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..errors import ConfigError
 from ..memory import GuestMemory
 from ..virtio.device import (VIRTIO_ID_VSOCK, VIRTIO_MMIO_INT_VRING, VirtioDevice, VirtioFeature,
                              feature_mask)
+from ..virtio.eventloop import EventLoop, TimerHandle
 from ..virtio.queue import GuestErrorLog, Queue
-from .eventloop import EventLoop
-from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN
+from .backend import VsockBackend
+from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, HostStream
 from .muxer import MAX_CONNECTIONS, TX_BUFFER_BUDGET, VsockMuxer, new_metrics
 from .packet import (VIRTIO_VSOCK_HDR_LEN, RxBuffer, VirtioVsockEventId, VirtioVsockFeature,
                      VsockPacketError, parse_tx_chain)
-from .unix import UnixBackend, VsockApi
 
-__all__ = ["BATCH", "EVENTQ", "QUEUE_SIZE", "RESET_WAIT", "RXQ", "TXQ", "VsockDevice"]
+__all__ = ["BATCH", "EVENTQ", "QUEUE_SIZE", "RXQ", "TXQ", "VsockDevice"]
 
 logger = logging.getLogger("pyvmm.vsock")
 
@@ -131,8 +148,6 @@ RXQ, TXQ, EVENTQ = 0, 1, 2
 QUEUE_SIZE = 256
 #: chains handled per queue per turn before other work gets the thread
 BATCH = 256
-#: seconds activate()/reset() wait for the device thread before giving up
-RESET_WAIT = 5.0
 _CONFIG = struct.Struct("<Q")           # struct virtio_vsock_config { le64 guest_cid; }
 _EVENT = struct.Struct("<I")            # struct virtio_vsock_event { le32 id; }
 _F_SEQPACKET = 1 << VirtioVsockFeature.VIRTIO_VSOCK_F_SEQPACKET
@@ -148,8 +163,7 @@ class VsockDevice(VirtioDevice):
                                    VirtioFeature.VIRTIO_F_INDIRECT_DESC,
                                    VirtioVsockFeature.VIRTIO_VSOCK_F_SEQPACKET)
 
-    def __init__(self, guest_cid: int, uds_path: str | None = None, *,
-                 clock: Callable[[], float] = time.monotonic,
+    def __init__(self, guest_cid: int, backends: Sequence[VsockBackend] = (), *,
                  max_connections: int = MAX_CONNECTIONS,
                  conn_buf_size: int = CONN_TX_BUF_SIZE) -> None:
         if not 3 <= guest_cid < 0xFFFF_FFFF:
@@ -158,20 +172,15 @@ class VsockDevice(VirtioDevice):
             raise ConfigError(f"vsock connection window {conn_buf_size} is outside "
                               f"{CONN_TX_BUF_SIZE_MIN} .. {TX_BUFFER_BUDGET} bytes")
         self.guest_cid = guest_cid
-        self.loop = EventLoop(clock)
+        #: the host ends, asked in this order for guest-initiated connections
+        self.backends = list(backends)
+        self.max_connections = max_connections
+        self.conn_buf_size = conn_buf_size
         self.metrics = new_metrics()
         self.errors = GuestErrorLog("virtio-vsock (guest)", logger)
         self.host_errors = GuestErrorLog("virtio-vsock (host peers)", logger)
-        self.muxer = VsockMuxer(guest_cid=guest_cid, loop=self.loop, metrics=self.metrics,
-                                errors=self.errors, host_errors=self.host_errors,
-                                max_connections=max_connections, conn_buf_size=conn_buf_size)
-        self.muxer.on_rx_pending = self._schedule_rx
-        self.api = VsockApi(self)
-        self.unix = UnixBackend(uds_path, self.loop, self.muxer) if uds_path else None
-        self.muxer.services = [self.api] + ([self.unix] if self.unix else [])
-        if self.unix is not None:
-            self.unix.start()
-        self._thread: threading.Thread | None = None
+        self.muxer: VsockMuxer | None = None      # made by attach_loop()
+        self._started = False
         self._memory: GuestMemory | None = None
         self._queues: list[Queue] | None = None
         self._interrupt: Callable[[int], None] | None = None
@@ -180,66 +189,47 @@ class VsockDevice(VirtioDevice):
         self._more_scheduled: set[int] = set()
         self._events_owed = 0
 
-    # -- the device thread ---------------------------------------------------------
+    # -- the machine's side (VirtioDevice) ------------------------------------------------
+    def attach_loop(self, loop: EventLoop) -> None:
+        """Run on ``loop``; make the muxer; attach every backend (which may bind
+        host sockets: ConfigError).  If a backend fails, :meth:`close` still
+        releases what the others acquired."""
+        super().attach_loop(loop)
+        self.muxer = VsockMuxer(guest_cid=self.guest_cid, loop=loop, metrics=self.metrics,
+                                errors=self.errors, host_errors=self.host_errors,
+                                max_connections=self.max_connections,
+                                conn_buf_size=self.conn_buf_size)
+        self.muxer.on_rx_pending = self._schedule_rx
+        self.muxer.services = self.backends
+        host = _DeviceHost(self, loop, self.muxer)
+        for backend in self.backends:
+            backend.attach(host)
+
     def start(self) -> None:
-        """Start the device thread (idempotent)."""
-        if self._thread is not None:
-            return
-        started = threading.Event()
-        self._thread = threading.Thread(target=self.loop.run_forever, args=(started,),
-                                        name="pyvmm-vsock", daemon=True)
-        self._thread.start()
-        started.wait()
+        """The backends start serving (idempotent; any thread)."""
+        self.loop.run_in_loop(self._do_start, wait=True)
 
     def stop(self) -> None:
-        """Stop and join the device thread; later calls run inline (idempotent)."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        self.loop.stop()
-        thread.join(RESET_WAIT)
-        if thread.is_alive():
-            logger.error("virtio-vsock: device thread did not stop within %s s", RESET_WAIT)
-            return
-        self.loop.run_once(0)           # jobs handed over while it was stopping
+        """Drop every connection and stop the backends (idempotent; any thread)."""
+        if self.loop is not None:
+            self.loop.run_in_loop(self._do_stop, wait=True)
 
     def close(self) -> None:
-        """Stop, drop every connection, close and unlink the Unix listeners."""
+        """stop(), and forget the queues (after the loop thread stopped)."""
         self.stop()
-        self.muxer.reset_all()
-        if self.unix is not None:
-            self.unix.stop()
         self._forget_queues()
-        self.loop.close()
 
-    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
-        """Have the device thread call ``callback()`` when ``fd`` is readable
-        (the machine's ioeventfds).  Any thread, before or after start()."""
-        self._call(self.loop.add_reader, fd, callback, wait=True)
+    def _do_start(self) -> None:
+        if not self._started:
+            self._started = True
+            for backend in self.backends:
+                backend.start()
 
-    def remove_reader(self, fd: int) -> None:
-        self._call(self.loop.remove_reader, fd, wait=True)
-
-    def _call(self, fn: Callable, *args, wait: bool) -> None:
-        """Run ``fn(*args)`` on the device thread (inline if there is none or we are it)."""
-        loop = self.loop
-        if not loop.running or loop.in_loop_thread():
-            fn(*args)
-            return
-        if not wait:
-            loop.call_soon_threadsafe(fn, *args)
-            return
-        done = threading.Event()
-
-        def job() -> None:
-            try:
-                fn(*args)
-            finally:
-                done.set()
-        loop.call_soon_threadsafe(job)
-        if not done.wait(RESET_WAIT):
-            logger.error("virtio-vsock: device thread did not run %s within %s s",
-                         getattr(fn, "__name__", fn), RESET_WAIT)
+    def _do_stop(self) -> None:
+        self._started = False
+        self.muxer.reset_all()
+        for backend in self.backends:
+            backend.stop()
 
     # -- VirtioDevice ------------------------------------------------------------------
     def read_config(self, offset: int, size: int) -> bytes:
@@ -249,17 +239,17 @@ class VsockDevice(VirtioDevice):
 
     def activate(self, memory: GuestMemory, queues: list[Queue],
                  interrupt: Callable[[int], None]) -> None:
-        self._call(self._do_activate, memory, queues, interrupt, wait=True)
+        self.loop.run_in_loop(self._do_activate, memory, queues, interrupt, wait=True)
 
     def queue_notify(self, index: int) -> None:
-        self._call(self._process, index, wait=False)
+        self.loop.run_in_loop(self._process, index, wait=False)
 
     def reset(self) -> None:
-        self._call(self._do_reset, wait=True)
+        self.loop.run_in_loop(self._do_reset, wait=True)
 
     def transport_reset(self) -> None:
         """Post VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drop all connections (any thread)."""
-        self._call(self._do_transport_reset, wait=True)
+        self.loop.run_in_loop(self._do_transport_reset, wait=True)
 
     def counters(self) -> dict:
         out = dict(self.metrics)
@@ -268,7 +258,7 @@ class VsockDevice(VirtioDevice):
         out["host_errors_by_reason"] = dict(self.host_errors.counts)
         return out
 
-    # -- on the device thread -------------------------------------------------------------
+    # -- on the I/O thread ---------------------------------------------------------------
     def _do_activate(self, memory: GuestMemory, queues: list[Queue],
                      interrupt: Callable[[int], None]) -> None:
         self._memory, self._queues, self._interrupt = memory, queues, interrupt
@@ -340,7 +330,7 @@ class VsockDevice(VirtioDevice):
         self.muxer.on_guest_packet(pkt)
 
     def _schedule_rx(self) -> None:
-        """The muxer has a packet for the guest (called on the device thread)."""
+        """The muxer has a packet for the guest (called on the I/O thread)."""
         if not self._rx_scheduled:
             self._rx_scheduled = True
             self.loop.call_soon(self._run_rx)
@@ -403,3 +393,39 @@ class VsockDevice(VirtioDevice):
         if need:
             self.metrics["interrupts"] += 1
             self._interrupt(VIRTIO_MMIO_INT_VRING)
+
+
+class _DeviceHost:
+    """The device as its backends see it: :class:`~pyvmm.vsock.backend.VsockHost`."""
+
+    def __init__(self, device: VsockDevice, loop: EventLoop, muxer: VsockMuxer) -> None:
+        self._device, self._loop, self._muxer = device, loop, muxer
+        self.metrics = device.metrics
+        self.host_errors = device.host_errors
+
+    def connect_host(self, port: int, vtype: int, stream: HostStream, *,
+                     preamble: Callable[[int], bytes] | None = None,
+                     on_connect: Callable[[bool], None] | None = None) -> bool:
+        return self._muxer.connect_host(port, vtype, stream, preamble=preamble,
+                                        on_connect=on_connect) is not None
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self._loop.add_reader(fd, callback)
+
+    def remove_fd(self, fd: int) -> None:
+        self._loop.remove_fd(fd)
+
+    def call_later(self, delay: float, callback: Callable, *args) -> TimerHandle:
+        return self._loop.call_later(delay, callback, *args)
+
+    def call_soon_threadsafe(self, callback: Callable, *args) -> None:
+        self._loop.call_soon_threadsafe(callback, *args)
+
+    def may_block(self) -> bool:
+        return self._loop.running and not self._loop.in_loop_thread()
+
+    def counters(self) -> dict:
+        return self._device.counters()
+
+    def transport_reset(self) -> None:
+        self._device.transport_reset()

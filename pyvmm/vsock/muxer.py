@@ -10,9 +10,9 @@ connection's business (compare Firecracker ``unix/muxer.rs``):
   packet of a type other than STREAM / SEQPACKET (or SEQPACKET when
   VIRTIO_VSOCK_F_SEQPACKET was not negotiated), a packet for an unknown
   connection -> an RST.  An RST is never answered with an RST;
-* creating connections: a guest REQUEST asks each *host service* in turn
-  (the Python API's listeners, then the Unix backend's ``<uds_path>_<port>``)
-  for a host stream; a host-initiated connection gets a local port
+* creating connections: a guest REQUEST asks each host service (the
+  device's backends, :mod:`~pyvmm.vsock.backend`) in turn, in the order the
+  device was given them, for a host stream; a host-initiated connection gets a local port
   round-robin from [2**30, 2**31) as Firecracker does;
 * the bounds: at most :data:`MAX_CONNECTIONS` (1023, Firecracker's
   ``MAX_CONNECTIONS``) connections, a REQUEST beyond that gets an RST; at
@@ -41,9 +41,9 @@ from __future__ import annotations
 import collections
 from typing import Callable, Protocol
 
+from ..virtio.eventloop import EventLoop, TimerHandle
 from ..virtio.queue import GuestErrorLog
 from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, Connection, HostStream
-from .eventloop import EventLoop, TimerHandle
 from .packet import OP_REQUEST, OP_RST, SEQPACKET, STREAM, VMADDR_CID_HOST, RxBuffer, TxPacket, VsockHeader
 
 __all__ = [
@@ -90,7 +90,8 @@ def new_metrics() -> collections.Counter:
 
 
 class HostService(Protocol):
-    """Something on the host that may accept guest connections to CID 2.
+    """Something on the host that may accept guest connections to CID 2: the
+    part of a :class:`~pyvmm.vsock.backend.VsockBackend` the muxer sees.
 
     ``connect_guest`` returns a connected non-blocking :class:`HostStream`,
     or None if nobody here serves ``port`` (the muxer asks the next service),

@@ -1,8 +1,10 @@
-"""The host end of pyvmm's vsock: Unix sockets, and a Python API.
+"""The host ends of pyvmm's vsock: Unix sockets, and a Python API.
 
 This module owns how host programs reach the guest's vsock (and the guest
-reaches them).  There is no host AF_VSOCK anywhere: every host end is an
-AF_UNIX socket.
+reaches them): two :class:`~pyvmm.vsock.backend.VsockBackend`
+implementations, which reach the device only through the
+:class:`~pyvmm.vsock.backend.VsockHost` they are attached to.  There is no
+host AF_VSOCK anywhere: every host end is an AF_UNIX socket.
 
 :class:`SocketStream` -- a non-blocking AF_UNIX socket as the
 :class:`~pyvmm.vsock.connection.HostStream` a connection moves bytes
@@ -28,6 +30,9 @@ helpers) works unchanged:
 * Guest -> host: a guest REQUEST to CID 2 port P connects (non-blocking) to
   ``<uds_path>_<P>``; nothing there, refused, backlog full, or the wrong
   socket type -> RST to the guest.
+* ``attach`` binds both listeners (a path somebody still listens on, or a
+  file that is not a socket, is a ConfigError); ``start`` starts accepting;
+  ``stop`` closes and unlinks them.
 
 SEQPACKET (VIRTIO_VSOCK_F_SEQPACKET; Firecracker has none) maps onto
 SOCK_SEQPACKET Unix sockets, which keep record boundaries the way vsock
@@ -45,14 +50,15 @@ SEQPACKET keeps messages:
   wants to; connecting SOCK_SEQPACKET to a SOCK_STREAM listener fails
   (EPROTOTYPE) and the guest gets an RST, as Linux does for a type mismatch.
 
-:class:`VsockApi` -- the Python API the machine exposes (``device.api``):
+:class:`VsockApi` -- the Python API the machine exposes (``Machine.vsock``):
 ``connect(port, type) -> socket`` (host-initiated: one end of a socketpair
 whose other end the muxer serves, returned after the guest's RESPONSE;
 ConnectionRefusedError on RST), ``listen(port, type) -> VsockListener``
 (guest-initiated connections to CID 2 port P are delivered to
-``listener.accept()`` instead of a Unix path; the Python listeners are asked
-before ``<uds_path>_<P>``), ``counters()``.  Every method may be called from
-any thread; work is handed to the device's event loop.
+``listener.accept()`` instead of a Unix path; the machine gives the device
+this backend before the Unix one, so the Python listeners are asked before
+``<uds_path>_<P>``), ``counters()``, ``transport_reset()``.  Every method may
+be called from any thread; work is handed to the device's I/O loop.
 """
 
 from __future__ import annotations
@@ -66,16 +72,11 @@ import select
 import socket
 import stat
 import threading
-from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from .backend import VsockHost
 from .connection import CONN_REQUEST_TIMEOUT, HostStream
-from .eventloop import EventLoop
-from .muxer import VsockMuxer
 from .packet import VirtioVsockType
-
-if TYPE_CHECKING:
-    from .device import VsockDevice
 
 __all__ = [
     "CONNECT_LINE_MAX",
@@ -202,33 +203,37 @@ def _bind_listener(path: str, kind: int) -> socket.socket:
 
 
 class UnixBackend:
-    """Firecracker's Unix-socket host end (see the module docstring)."""
+    """Firecracker's Unix-socket host end (see the module docstring); a VsockBackend."""
 
-    def __init__(self, uds_path: str, loop: EventLoop, muxer: VsockMuxer, *,
-                 connect_timeout: float = CONNECT_TIMEOUT,
+    def __init__(self, uds_path: str, *, connect_timeout: float = CONNECT_TIMEOUT,
                  max_handshakes: int = MAX_HANDSHAKES) -> None:
         self.uds_path = uds_path
         self.seqpacket_path = uds_path + SEQPACKET_SUFFIX
-        self.loop = loop
-        self.muxer = muxer
-        self.metrics = muxer.metrics
-        self.host_errors = muxer.host_errors
         self.connect_timeout = connect_timeout
         self.max_handshakes = max_handshakes
-        self._listeners: list[tuple[socket.socket, str]] = []
+        self.host: VsockHost | None = None
+        self._listeners: list[tuple[socket.socket, str, int]] = []
         self._handshakes: dict[int, _Handshake] = {}
 
-    # -- lifetime (loop thread, or before the loop runs) -------------------------------
-    def start(self) -> None:
-        """Bind ``uds_path`` and ``uds_path.seqpacket`` and start accepting."""
+    # -- VsockBackend: lifetime ------------------------------------------------------------
+    def attach(self, host: VsockHost) -> None:
+        """Take the device's host face; bind ``uds_path`` and
+        ``uds_path.seqpacket`` (ConfigError if either is in use)."""
+        self.host = host
+        self.metrics = host.metrics
+        self.host_errors = host.host_errors
         for path, vtype in ((self.uds_path, STREAM), (self.seqpacket_path, SEQPACKET)):
-            sock = _bind_listener(path, _SOCK_TYPE[vtype])
-            self._listeners.append((sock, path))
-            self.loop.add_reader(sock.fileno(), lambda s=sock, t=vtype: self._on_accept(s, t))
+            self._listeners.append((_bind_listener(path, _SOCK_TYPE[vtype]), path, vtype))
+
+    def start(self) -> None:
+        """Start accepting on both listeners (loop thread)."""
+        for sock, _path, vtype in self._listeners:
+            self.host.add_reader(sock.fileno(), lambda s=sock, t=vtype: self._on_accept(s, t))
 
     def stop(self) -> None:
-        for sock, path in self._listeners:
-            self.loop.remove_fd(sock.fileno())
+        """Close and unlink both listeners, drop unfinished handshakes (idempotent)."""
+        for sock, path, _vtype in self._listeners:
+            self.host.remove_fd(sock.fileno())
             sock.close()
             try:
                 os.unlink(path)
@@ -255,9 +260,9 @@ class UnixBackend:
             sock.setblocking(False)
             hs = _Handshake(sock, vtype)
             self._handshakes[sock.fileno()] = hs
-            hs.timer = self.loop.call_later(self.connect_timeout, self._fail, hs,
+            hs.timer = self.host.call_later(self.connect_timeout, self._fail, hs,
                                             "CONNECT line not finished in time")
-            self.loop.add_reader(sock.fileno(), lambda h=hs: self._on_handshake_readable(h))
+            self.host.add_reader(sock.fileno(), lambda h=hs: self._on_handshake_readable(h))
 
     def _on_handshake_readable(self, hs: _Handshake) -> None:
         try:
@@ -278,9 +283,8 @@ class UnixBackend:
             return
         self._drop(hs, close=False)
         stream = SocketStream(hs.sock)
-        conn = self.muxer.connect_host(port, hs.vtype, stream,
-                                       preamble=lambda local_port: f"OK {local_port}\n".encode())
-        if conn is None:
+        if not self.host.connect_host(port, hs.vtype, stream,
+                                      preamble=lambda local_port: f"OK {local_port}\n".encode()):
             self._fail_sock(hs.sock, "host connection refused (table full or type not negotiated)")
 
     def _read_line(self, hs: _Handshake) -> bytes | None:
@@ -319,13 +323,13 @@ class UnixBackend:
         fd = hs.sock.fileno()
         if self._handshakes.get(fd) is hs:
             del self._handshakes[fd]
-            self.loop.remove_fd(fd)
+            self.host.remove_fd(fd)
         if hs.timer is not None:
             hs.timer.cancel()
         if close:
             hs.sock.close()
 
-    # -- guest -> host: <uds_path>_<port> ---------------------------------------------
+    # -- VsockBackend: guest -> host, <uds_path>_<port> ------------------------------------
     def connect_guest(self, port: int, vtype: int, peer: tuple[int, int]) -> HostStream | None:
         path = f"{self.uds_path}_{port}"
         sock = socket.socket(socket.AF_UNIX, _SOCK_TYPE[vtype] | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -393,17 +397,35 @@ class VsockListener:
 
 
 class VsockApi:
-    """The Python face of the device (see the module docstring); thread-safe."""
+    """The Python face of the device (see the module docstring); a
+    VsockBackend; thread-safe."""
 
-    def __init__(self, device: VsockDevice) -> None:
-        self._device = device
+    def __init__(self) -> None:
+        self._host: VsockHost | None = None
         self._listeners: dict[int, VsockListener] = {}
         self._lock = threading.Lock()
+
+    # -- VsockBackend: lifetime -------------------------------------------------------------
+    def attach(self, host: VsockHost) -> None:
+        self._host = host
+
+    def start(self) -> None:
+        """Nothing to start: the API serves its callers' calls."""
+
+    def stop(self) -> None:
+        """Nothing to release: listeners are their callers' to close."""
+
+    @property
+    def host(self) -> VsockHost:
+        if self._host is None:
+            raise RuntimeError("this VsockApi is not attached to a vsock device")
+        return self._host
 
     # -- host -> guest ----------------------------------------------------------------
     def connect_async(self, port: int, type: int = STREAM) -> concurrent.futures.Future:
         """Start connecting to guest ``port``; the Future gives the socket, or
         raises ConnectionRefusedError (guest RST, no answer in time, no room)."""
+        host = self.host
         vtype = VirtioVsockType(type)
         if not 0 <= port <= 0xFFFF_FFFF:
             raise ValueError(f"vsock port {port} is not a u32")
@@ -419,24 +441,23 @@ class VsockApi:
                 fut.set_exception(ConnectionRefusedError(f"guest refused vsock port {port}"))
 
         def start() -> None:
-            conn = self._device.muxer.connect_host(port, vtype, SocketStream(ours), on_connect=on_connect)
-            if conn is None:
+            if not host.connect_host(port, vtype, SocketStream(ours), on_connect=on_connect):
                 ours.close()
                 on_connect(False)
 
-        self._device.loop.call_soon_threadsafe(start)
+        host.call_soon_threadsafe(start)
         return fut
 
     def connect(self, port: int, type: int = STREAM,
                 timeout: float = CONN_REQUEST_TIMEOUT + 3.0) -> socket.socket:
         """Connect to guest ``port`` and return the connected (blocking) socket.
 
-        Needs the device thread (``device.start()``).  Raises
-        ConnectionRefusedError if the guest answers RST or not at all.
+        Needs the machine's I/O thread running (``Machine.start()``), and must
+        not be called on it.  Raises ConnectionRefusedError if the guest
+        answers RST or not at all.
         """
-        loop = self._device.loop
-        if not loop.running or loop.in_loop_thread():
-            raise RuntimeError("VsockApi.connect needs the device thread and must not run on it; "
+        if not self.host.may_block():
+            raise RuntimeError("VsockApi.connect needs the I/O thread and must not run on it; "
                                "use connect_async() and drive the loop instead")
         fut = self.connect_async(port, type)
         try:
@@ -464,7 +485,7 @@ class VsockApi:
                 del self._listeners[listener.port]
 
     def connect_guest(self, port: int, vtype: int, peer: tuple[int, int]) -> HostStream | None:
-        """HostService: a guest REQUEST to ``port`` (loop thread)."""
+        """VsockBackend: a guest REQUEST to ``port`` (loop thread)."""
         with self._lock:
             listener = self._listeners.get(port)
         if listener is None or listener.type != vtype:
@@ -479,8 +500,8 @@ class VsockApi:
     # -- observing ----------------------------------------------------------------------
     def counters(self) -> dict:
         """A snapshot of the device's counters (see ``device.counters()``)."""
-        return self._device.counters()
+        return self.host.counters()
 
     def transport_reset(self) -> None:
         """Post VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drop every connection."""
-        self._device.transport_reset()
+        self.host.transport_reset()

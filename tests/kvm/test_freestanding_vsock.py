@@ -144,7 +144,7 @@ def test_64mib_guest_to_host(uds, record_property):
     assert m, run.explain()
     assert got["data"] == teststream.stream(BIG), "guest->host bytes differ from the stream"
     # >1000 queue notifies, yet no MMIO exit to Python beyond the probe's register writes:
-    # QueueNotify is a KVM ioeventfd that wakes the device thread directly
+    # QueueNotify is a KVM ioeventfd that wakes the I/O thread directly
     assert run.vsock["tx_packets"] > 1000
     assert run.result.exit_counts["MmioWrite"] < 100, run.result.exit_counts
     record_property("guest_to_host_MBps", round(BIG / got["seconds"] / 1e6, 1))

@@ -127,7 +127,7 @@ def hostile(uds, case, n=1, extra="", *, echo=True) -> Outcome:
         transport = g.vm.virtio_slots[0].transport
         out = Outcome(case, run, [dict(q.errors.counts) for q in transport.queues],
                       dict(transport.errors.counts), dict(transport.device_errors),
-                      dict(g.vm.vsock_device.loop.callback_errors))
+                      dict(g.vm.io_loop.callback_errors))
     # pyvmm came through: the guest ended the run itself, successfully
     assert run.result.status == ExitStatus.GUEST_RESET, run.explain()
     assert PREFIX + "exit 0" in run.console, run.explain()

@@ -3,12 +3,13 @@
 Each test probes the device as Linux does (vsock_guest.Guest), then plays
 both ends by hand: the guest's packets go through the tx virtqueue, the host
 programs are Unix sockets in tmp_path (Firecracker's CONNECT protocol) or
-the Python API.  No KVM, no AF_VSOCK, no device thread: the loop is pumped
+the Python API.  No KVM, no AF_VSOCK, no I/O thread: the loop is pumped
 on the test thread.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -100,8 +101,13 @@ def test_uds_path_in_use_is_config_error(uds):
     try:
         with pytest.raises(ConfigError):
             Guest(uds)
+        assert os.path.exists(uds), "the failed second device unlinked the first one's socket"
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(uds)                  # and the first one still listens
+        s.close()
     finally:
         g.close()
+    assert not os.path.exists(uds)
 
 
 # -- handshakes ------------------------------------------------------------------------
@@ -185,7 +191,7 @@ def test_guest_request_without_listener_gets_rst(guest):
 
 
 def test_python_api_listener(guest):
-    with guest.dev.api.listen(700) as lst:
+    with guest.api.listen(700) as lst:
         guest.send(Op.VIRTIO_VSOCK_OP_REQUEST, 6000, 700)
         assert ops(guest.take()) == [Op.VIRTIO_VSOCK_OP_RESPONSE]
         sock, peer = lst.accept(timeout=1)
@@ -201,14 +207,14 @@ def test_python_api_listener(guest):
 
 
 def test_python_api_listener_backlog_full_rst(guest):
-    with guest.dev.api.listen(701, backlog=1):
+    with guest.api.listen(701, backlog=1):
         guest.send(Op.VIRTIO_VSOCK_OP_REQUEST, 6000, 701)
         guest.send(Op.VIRTIO_VSOCK_OP_REQUEST, 6001, 701)
         assert ops(guest.take()) == [Op.VIRTIO_VSOCK_OP_RESPONSE, Op.VIRTIO_VSOCK_OP_RST]
 
 
 def test_python_api_connect_async(guest):
-    fut = guest.dev.api.connect_async(80)
+    fut = guest.api.connect_async(80)
     pkts = guest.take()
     assert ops(pkts) == [Op.VIRTIO_VSOCK_OP_REQUEST]
     assert not fut.done()
@@ -222,7 +228,7 @@ def test_python_api_connect_async(guest):
 
 
 def test_python_api_connect_refused(guest):
-    fut = guest.dev.api.connect_async(81)
+    fut = guest.api.connect_async(81)
     req = guest.take()[0][0]
     guest.send(Op.VIRTIO_VSOCK_OP_RST, 81, req.src_port)
     guest.pump()
@@ -232,7 +238,7 @@ def test_python_api_connect_refused(guest):
 
 def test_python_api_connect_blocking_needs_thread(guest):
     with pytest.raises(RuntimeError):
-        guest.dev.api.connect(80)
+        guest.api.connect(80)
 
 
 # -- data and credit ------------------------------------------------------------------------
@@ -505,7 +511,7 @@ def test_transport_reset_event(guest, uds):
 def test_connection_table_full_rst(uds):
     g = Guest(uds, max_connections=3)
     try:
-        with g.dev.api.listen(1):
+        with g.api.listen(1):
             for i in range(4):
                 g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 100 + i, 1)
             pkts = g.take()

@@ -72,7 +72,7 @@ class Model:
 
 def open_connection(vtype: int, guest_buf: int):
     g = Guest(None, rx_buffers=0)
-    lst = g.dev.api.listen(PORT, vtype)
+    lst = g.api.listen(PORT, vtype)
     m = Model(g, vtype, guest_buf)
     g.add_rx()
     m.send(Op.VIRTIO_VSOCK_OP_REQUEST)

@@ -1,5 +1,5 @@
-"""The device thread: the blocking Python API, the machine's add_reader, and
-resets from a vCPU-like thread while the device thread runs (no deadlock).
+"""The I/O thread: the blocking Python API, the machine's add_reader, and
+resets from a vCPU-like thread while the I/O thread runs (no deadlock).
 
 The test thread plays the vCPU (MMIO writes through the transport) and the
 guest driver; it waits for the device's interrupt, never sleeps.
@@ -20,25 +20,26 @@ from vsock_guest import Guest, Op
 @pytest.fixture
 def guest(tmp_path):
     g = Guest(str(tmp_path / "v.sock"))
-    g.dev.start()
+    g.loop.start_thread()
     yield g
     g.close()
 
 
 def test_start_stop_idempotent(tmp_path):
     g = Guest(str(tmp_path / "v.sock"))
-    g.dev.start()
-    g.dev.start()
-    assert g.dev.loop.running
-    g.dev.stop()
-    g.dev.stop()
-    assert not g.dev.loop.running
+    g.loop.start_thread()
+    thread = g.loop.thread
+    g.loop.start_thread()
+    assert g.loop.running and g.loop.thread is thread and thread.name == "pyvmm-io"
+    g.loop.stop_thread()
+    g.loop.stop_thread()
+    assert not g.loop.running and not thread.is_alive()
     g.close()
 
 
 def test_blocking_connect(guest):
     with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(guest.dev.api.connect, 80)
+        fut = ex.submit(guest.api.connect, 80)
         (req, _), = guest.wait_packets()
         assert req.op == Op.VIRTIO_VSOCK_OP_REQUEST and req.dst_port == 80
         guest.send(Op.VIRTIO_VSOCK_OP_RESPONSE, 80, req.src_port)
@@ -52,7 +53,7 @@ def test_blocking_connect(guest):
 
 def test_blocking_connect_refused(guest):
     with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        fut = ex.submit(guest.dev.api.connect, 81)
+        fut = ex.submit(guest.api.connect, 81)
         (req, _), = guest.wait_packets()
         guest.send(Op.VIRTIO_VSOCK_OP_RST, 81, req.src_port)
         with pytest.raises(ConnectionRefusedError):
@@ -60,7 +61,7 @@ def test_blocking_connect_refused(guest):
 
 
 def test_listener_accept_blocks_until_guest_connects(guest):
-    with guest.dev.api.listen(700) as lst:
+    with guest.api.listen(700) as lst:
         guest.send(Op.VIRTIO_VSOCK_OP_REQUEST, 6000, 700)
         sock, peer = lst.accept(timeout=5)
         assert peer[1] == 6000
@@ -69,7 +70,7 @@ def test_listener_accept_blocks_until_guest_connects(guest):
             lst.accept(timeout=0.05)
 
 
-def test_add_reader_runs_on_device_thread(guest):
+def test_add_reader_runs_on_io_thread(guest):
     efd = os.eventfd(0, os.EFD_NONBLOCK)
     seen = []
     fired = threading.Event()
@@ -81,13 +82,13 @@ def test_add_reader_runs_on_device_thread(guest):
     guest.dev.add_reader(efd, cb)
     os.eventfd_write(efd, 1)
     assert fired.wait(5)
-    assert seen == [guest.dev._thread.ident]
+    assert seen == [guest.loop.thread.ident]
     guest.dev.remove_reader(efd)
     os.close(efd)
 
 
 def test_reset_from_vcpu_thread_while_busy(guest, tmp_path):
-    """The transport calls reset() under its lock; the device thread must finish
+    """The transport calls reset() under its lock; the I/O thread must finish
     and go quiet without ever needing that lock."""
     uds = str(tmp_path / "v.sock")
     lst = socket.socket(socket.AF_UNIX)
@@ -97,7 +98,7 @@ def test_reset_from_vcpu_thread_while_busy(guest, tmp_path):
     assert [h.op for h, _ in guest.wait_packets()] == [Op.VIRTIO_VSOCK_OP_RESPONSE]
     conn, _ = lst.accept()
     conn.setblocking(False)
-    try:                                    # keep the device thread busy with host data
+    try:                                    # keep the I/O thread busy with host data
         while True:
             conn.send(b"x" * 65536)
     except BlockingIOError:
@@ -117,9 +118,9 @@ def test_reset_from_vcpu_thread_while_busy(guest, tmp_path):
 
 
 def test_transport_reset_from_other_thread(guest):
-    with guest.dev.api.listen(9):
+    with guest.api.listen(9):
         guest.send(Op.VIRTIO_VSOCK_OP_REQUEST, 6000, 9)
         guest.wait_packets()
-        guest.dev.api.transport_reset()
+        guest.api.transport_reset()
     assert guest.events() == [0]
     assert guest.dev.counters()["connections"] == 0

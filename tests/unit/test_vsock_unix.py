@@ -97,7 +97,7 @@ def test_peer_closes_before_line(guest, uds):
 def test_too_many_handshakes(uds):
     from pyvmm.vsock import unix
     g = Guest(uds)
-    g.dev.unix.max_handshakes = 2
+    g.unix.max_handshakes = 2
     try:
         socks = [connect(uds) for _ in range(3)]
         g.pump()
@@ -180,7 +180,7 @@ def test_len_disagreeing_with_buffer_rsts(guest):
 
 
 def test_bad_length_kills_existing_connection(guest):
-    with guest.dev.api.listen(52) as lst:
+    with guest.api.listen(52) as lst:
         guest.send(Op.VIRTIO_VSOCK_OP_REQUEST, 5000, 52)
         guest.take()
         sock, _ = lst.accept(0)
@@ -218,7 +218,7 @@ def test_wrong_cids_dropped(guest):
 
 
 def test_type_change_on_connection_resets(guest):
-    with guest.dev.api.listen(52):
+    with guest.api.listen(52):
         guest.send(Op.VIRTIO_VSOCK_OP_REQUEST, 5000, 52, type=STREAM)
         guest.take()
         guest.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 52, b"x", type=SEQPACKET)

@@ -1,13 +1,17 @@
 """Test helpers for pyvmm.vsock: a Linux-like guest driver and a fake clock.
 
 :class:`Guest` builds a :class:`~pyvmm.vsock.VsockDevice` behind a real
-:class:`~pyvmm.virtio.mmio.MmioTransport`, probes it with
+:class:`~pyvmm.virtio.mmio.MmioTransport`, with the machine's backends (the
+Python API ``api``, first, and the Unix socket ``unix`` if given a path) or
+the test's own, on an :class:`~pyvmm.virtio.eventloop.EventLoop` ``loop``
+with a fake clock; probes it with
 :class:`~pyvmm.virtio.mock.MockDriver` as Linux 6.1 does (features, three
 queues, ``guest_cid`` read as two 32-bit halves, DRIVER_OK, rx filled, 8
 event buffers of 4 bytes), and then plays the guest's vsock driver by hand:
 ``send()`` puts a packet on tx and kicks, ``recv()`` collects rx packets (and
-checks used.len = 44 + len) and refills.  No device thread: ``pump()`` runs
-the device's event loop on the test thread until nothing more happens.
+checks used.len = 44 + len) and refills.  No I/O thread: ``pump()`` runs
+the loop on the test thread until nothing more happens (or a test starts
+the thread: ``loop.start_thread()``).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import threading
 import time
 
 from pyvmm.memory import GuestMemory
+from pyvmm.virtio.eventloop import EventLoop
 from pyvmm.virtio.mmio import MmioTransport
 from pyvmm.virtio.mock import MockDriver
-from pyvmm.vsock import VsockDevice
+from pyvmm.vsock import UnixBackend, VsockApi, VsockDevice
 from pyvmm.vsock.packet import (HDR, VIRTIO_VSOCK_HDR_LEN, VirtioVsockOp, VirtioVsockType,
                                 VsockHeader)
 
@@ -55,10 +60,23 @@ class Guest:
 
     def __init__(self, uds_path: str | None = None, *, cid: int = GUEST_CID, rx_buffers: int = 64,
                  rx_layout: str = "split", rx_payload: int = 4096, features: int | None = None,
-                 mem_mib: int = 64, **dev_kw) -> None:
+                 mem_mib: int = 64, backends: list | None = None, loop: EventLoop | None = None,
+                 **dev_kw) -> None:
         self.clock = FakeClock()
+        self._own_loop = loop is None
+        self.loop = EventLoop(self.clock) if self._own_loop else loop
         self.memory = GuestMemory(mem_mib << 20)
-        self.dev = VsockDevice(cid, uds_path, clock=self.clock, **dev_kw)
+        self.api = VsockApi()
+        self.unix = UnixBackend(uds_path) if uds_path else None
+        if backends is None:
+            backends = [self.api] + ([self.unix] if self.unix else [])
+        self.dev = VsockDevice(cid, backends, **dev_kw)
+        try:
+            self.dev.attach_loop(self.loop)     # the Unix backend binds here
+        except BaseException:
+            self.close()
+            raise
+        self.dev.start()
         self.irqs = 0
         self.irq_event = threading.Event()
         self.transport = MmioTransport(self.dev, self.memory, self._irq)
@@ -83,7 +101,7 @@ class Guest:
         self.irq_event.set()
 
     def wait_packets(self, timeout: float = 5.0) -> list[tuple[VsockHeader, bytes]]:
-        """With the device thread running: the next rx packets, waiting for
+        """With the I/O thread running: the next rx packets, waiting for
         the device's interrupt (not polling); AssertionError after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
@@ -155,7 +173,7 @@ class Guest:
     def pump(self, rounds: int = 200) -> None:
         """Run the device loop on this thread until nothing is left to do."""
         for _ in range(rounds):
-            if self.dev.loop.run_once(0) == 0:
+            if self.loop.run_once(0) == 0:
                 return
 
     def advance(self, seconds: float) -> None:
@@ -163,7 +181,13 @@ class Guest:
         self.pump()
 
     def close(self) -> None:
+        """Stop the loop thread if a test started it, then close the device
+        (and the loop, if this guest made it)."""
+        if self._own_loop:
+            self.loop.stop_thread()
         self.dev.close()
+        if self._own_loop:
+            self.loop.close()
 
 
 # --- fakes for connection-level tests ----------------------------------------------------

@@ -1,26 +1,34 @@
-"""The vsock device's event loop: one thread, one ``selectors`` selector.
+"""The machine's device I/O loop: one thread, one ``selectors`` selector.
 
-This module owns the loop that the vsock device thread runs (and that tests
-drive by hand): file-descriptor callbacks, timers on an injectable clock,
-and a thread-safe way for other threads (vCPUs, the Python API's callers)
-to hand work to the loop.  It is deliberately tiny; the shape is asyncio's
-``selector_events.py`` without coroutines: the callback lives in the
-selector key's ``data`` slot (``(reader, writer)``), and a wake-up eventfd
-interrupts ``select()`` when another thread queues work.
+This module owns the loop that every virtio device of a machine runs on (and
+that tests drive by hand): file-descriptor callbacks (the queues'
+ioeventfds, the devices' host sockets), timers on an injectable clock, a
+thread-safe way for other threads (vCPUs, the Python API's callers) to hand
+work to the loop, and the loop's one thread, :data:`IO_THREAD_NAME`
+("pyvmm-io").  The machine creates one :class:`EventLoop`, gives it to each
+device (:meth:`~pyvmm.virtio.device.VirtioDevice.attach_loop`), and starts
+and stops its thread (:meth:`EventLoop.start_thread`,
+:meth:`EventLoop.stop_thread`).  It is deliberately tiny; the shape is
+asyncio's ``selector_events.py`` without coroutines: the callback lives in
+the selector key's ``data`` slot (``(reader, writer)``), and a wake-up
+eventfd interrupts ``select()`` when another thread queues work.  It knows
+nothing about virtio: devices bring their own meaning to each callback.
 
-Rules the rest of :mod:`pyvmm.vsock` relies on:
+Rules the devices rely on:
 
-* Every callback runs on the loop thread, one at a time.  State owned by the
-  loop (the muxer, connections, the virtqueues) is therefore never locked.
+* Every callback runs on the loop thread, one at a time, whichever device it
+  belongs to.  State owned by the loop (a device's queues, vsock's muxer and
+  connections) is therefore never locked.
 * ``call_soon_threadsafe`` is the *only* method other threads may call
-  (plus :meth:`EventLoop.stop`).  It never blocks and never waits for the
-  loop.
+  (plus :meth:`EventLoop.run_in_loop`, :meth:`EventLoop.stop` and the
+  thread's start/stop).  It never blocks and never waits for the loop.
 * Readiness is level-triggered (epoll/poll without EPOLLET): a reader that
   does not drain its fd, or cannot, must remove itself or it spins.
 * Time comes from ``clock()`` (default :func:`time.monotonic`).  Tests pass a
   fake clock and call ``run_once(0)`` after advancing it.
 * A callback that raises is a pyvmm bug: it is logged (once per callback
   name) and counted in :attr:`EventLoop.callback_errors`; the loop goes on.
+* Nobody waits for the loop longer than :data:`LOOP_WAIT` seconds.
 """
 
 from __future__ import annotations
@@ -35,9 +43,15 @@ import threading
 import time
 from typing import Callable
 
-__all__ = ["EventLoop", "TimerHandle"]
+__all__ = ["IO_THREAD_NAME", "LOOP_WAIT", "EventLoop", "TimerHandle"]
 
-logger = logging.getLogger("pyvmm.vsock")
+logger = logging.getLogger("pyvmm.io")
+
+#: the name of the loop's thread (one per machine, shared by its virtio devices)
+IO_THREAD_NAME = "pyvmm-io"
+#: seconds a caller waits for the loop thread to run a job handed to it
+#: (a device's activate()/reset(), add_reader) or to stop, before giving up
+LOOP_WAIT = 5.0
 
 
 class TimerHandle:
@@ -70,6 +84,7 @@ class EventLoop:
         self._selector.register(self._wake_fd, selectors.EVENT_READ, (self._drain_wake, None))
         self._stopping = False
         self._closed = False
+        self._thread: threading.Thread | None = None
         #: the thread inside run_forever(), or None
         self.thread_id: int | None = None
         #: exceptions that escaped callbacks (pyvmm bugs), by callback name
@@ -165,7 +180,7 @@ class EventLoop:
             name = getattr(callback, "__qualname__", repr(callback))
             self.callback_errors[name] += 1
             if self.callback_errors[name] == 1:
-                logger.exception("vsock event loop: callback %s raised", name)
+                logger.exception("device I/O loop: callback %s raised", name)
 
     def run_once(self, timeout: float | None = None) -> int:
         """Wait for events at most ``timeout`` seconds (None: until one), run what
@@ -225,7 +240,67 @@ class EventLoop:
             self._stopping = True
         self.call_soon_threadsafe(_stop)
 
+    def run_in_loop(self, fn: Callable, *args, wait: bool) -> None:
+        """Run ``fn(*args)`` on the loop thread (any thread).
+
+        Inline if the loop is not running (before :meth:`start_thread`, after
+        :meth:`stop_thread`, in unit tests: the caller is then the only
+        thread) or if the caller is the loop thread.  Otherwise it is handed
+        over; with ``wait`` the call returns once it ran, or after
+        :data:`LOOP_WAIT` seconds with an error logged.
+        """
+        if not self.running or self.in_loop_thread():
+            fn(*args)
+            return
+        if not wait:
+            self.call_soon_threadsafe(fn, *args)
+            return
+        done = threading.Event()
+
+        def job() -> None:
+            try:
+                fn(*args)
+            finally:
+                done.set()
+        self.call_soon_threadsafe(job)
+        if not done.wait(LOOP_WAIT):
+            logger.error("device I/O loop: %s did not run within %s s",
+                         getattr(fn, "__qualname__", fn), LOOP_WAIT)
+
+    # -- the loop thread ------------------------------------------------------------------
+    def start_thread(self, name: str = IO_THREAD_NAME) -> None:
+        """Run the loop on a new daemon thread ``name``; returns once it runs
+        (idempotent).  The thread inherits the caller's signal mask and CPU
+        affinity."""
+        if self._thread is not None:
+            return
+        started = threading.Event()
+        self._thread = threading.Thread(target=self.run_forever, args=(started,), name=name,
+                                        daemon=True)
+        self._thread.start()
+        started.wait()
+
+    def stop_thread(self) -> None:
+        """Stop and join the loop thread (idempotent); afterwards every call
+        runs inline (:meth:`run_in_loop`), jobs handed over meanwhile included."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self.stop()
+        thread.join(LOOP_WAIT)
+        if thread.is_alive():
+            logger.error("device I/O loop: thread %s did not stop within %s s", thread.name,
+                         LOOP_WAIT)
+            return
+        self.run_once(0)                # jobs handed over while it was stopping
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The thread started by :meth:`start_thread`, or None."""
+        return self._thread
+
     def close(self) -> None:
+        """Release the selector and the wake-up eventfd (after :meth:`stop_thread`)."""
         if self._closed:
             return
         self._closed = True
