@@ -151,6 +151,7 @@ class Guest:
              **kw) -> None:
         """Put one packet on tx (header descriptor + payload descriptor, as Linux)."""
         kw.setdefault("length", len(payload))
+        kw.setdefault("src_cid", self.dev.guest_cid)
         raw = hdr(op, src_port, dst_port, **kw)
         if parts is None:
             parts = [raw, payload] if payload else [raw]
