@@ -76,12 +76,13 @@ Wiring (what the machine does with this object):
   ``datamatch = q``.  When eventfd ``q`` fires, call
   ``transport.queue_notify(q)``, **not** ``device.queue_notify``: it applies
   the DRIVER_OK gate.  Without ioeventfd the guest's write reaches the same
-  method through :meth:`write`.  A device that runs its own thread can make
-  its ``queue_notify`` just wake that thread.
+  method through :meth:`write`.  A device whose work runs on the machine's
+  I/O loop (:mod:`pyvmm.virtio.eventloop`) makes its ``queue_notify`` hand
+  the work to that thread.
 
 Threads: ``read``/``write`` (vCPU threads) are serialized by a lock, and
-``activate``/``reset`` run under it, so ``device.reset()`` may join device
-threads as long as those never call ``read``/``write``.  The ``interrupt``
+``activate``/``reset`` run under it, so ``device.reset()`` may wait for the
+I/O thread as long as that never calls ``read``/``write``.  The ``interrupt``
 callable and the queue-broken path use a separate small lock and never wait
 for the vCPU.  Every activation has an *epoch*; an ``interrupt`` (or broken
 queue) from an earlier epoch, i.e. from before a reset, is ignored.

@@ -78,6 +78,26 @@ def test_host_to_guest_echo_with_python_sockets(uds):
     assert run.result.status == ExitStatus.GUEST_RESET
 
 
+def test_one_io_thread_serves_both_host_ends(uds):
+    """The machine runs its virtio devices on one I/O thread, "pyvmm-io": the
+    Unix backend and the Python API backend both go through it, and it ends
+    with the machine."""
+    with guest(uds, "vsock-echo-server port=1234 conns=2") as g:
+        g.wait_for(PREFIX + "vsock listening 1234")
+        io = g.vm.io_loop.thread
+        assert io.name == "pyvmm-io" and io.is_alive()
+        assert [t for t in threading.enumerate() if t.name == "pyvmm-io"] == [io]
+        for connect in (lambda: connect_unix(uds, 1234), lambda: g.vsock.connect(1234)):
+            with connect() as s:
+                s.settimeout(60)
+                s.sendall(b"ping")
+                s.shutdown(socket.SHUT_WR)
+                assert recv_all(s) == b"ping"
+        run = g.finish(60)
+    assert "vsock echo done 2 8" in run.console, run.explain()
+    assert not io.is_alive()
+
+
 @pytest.mark.skipif(not shutil.which("socat"), reason="socat is not installed")
 def test_host_to_guest_echo_with_socat(uds):
     with guest(uds, "vsock-echo-server port=1234 conns=1") as g:

@@ -105,3 +105,22 @@ def test_sizes():
 @pytest.mark.kvm
 def test_too_many_cpus(elf):
     assert_one_line_error(pyvmm("run", "--kernel", elf, "--cpus", "999"), "out of range")
+
+
+@pytest.mark.kvm
+def test_vsock_uds_path_in_use(elf, tmp_path):
+    """The Unix backend binds while the machine is built: a path another
+    program listens on is a bad request, and that program keeps its socket."""
+    import socket
+    path = str(tmp_path / "v.sock")
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(path)
+    other.listen()
+    try:
+        assert_one_line_error(pyvmm("run", "--kernel", elf, "--vsock", f"3,uds={path}"),
+                              "is in use by another listener")
+        probe = socket.socket(socket.AF_UNIX)
+        probe.connect(path)
+        probe.close()
+    finally:
+        other.close()
