@@ -2,8 +2,8 @@
 
 ``python -m bench.micro_vsock [--profile]`` drives pyvmm's :class:`VsockDevice` behind a
 real :class:`MmioTransport` from a lean driver written here (preallocated buffers, the
-descriptor table and rings written directly, as a guest driver would), with the device's
-event loop run on this thread (no device thread, no guest, no KVM): what it measures is
+descriptor table and rings written directly, as a guest driver would), with the machine's
+device I/O loop run on this thread (no I/O thread, no guest, no KVM): what it measures is
 pyvmm's own per-packet cost, the part a batched and vectorised path can shrink.
 
 * **tx** (guest -> host): one guest-initiated STREAM connection to ``<uds>_5000``, where a
@@ -31,10 +31,11 @@ import tempfile
 import time
 
 from pyvmm.memory import GuestMemory
+from pyvmm.virtio.eventloop import EventLoop
 from pyvmm.virtio.mmio import MmioTransport
 from pyvmm.virtio.mock import MockDriver
 from pyvmm.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pyvmm.vsock import VsockDevice
+from pyvmm.vsock import UnixBackend, VsockDevice
 from pyvmm.vsock.packet import HDR, VIRTIO_VSOCK_HDR_LEN
 
 GUEST_CID, HOST_CID = 3, 2
@@ -49,7 +50,10 @@ class LeanGuest:
 
     def __init__(self, uds: str) -> None:
         self.memory = GuestMemory(64 << 20)
-        self.dev = VsockDevice(GUEST_CID, uds)
+        self.loop = EventLoop()
+        self.dev = VsockDevice(GUEST_CID, [UnixBackend(uds)])
+        self.dev.attach_loop(self.loop)
+        self.dev.start()
         self.transport = MmioTransport(self.dev, self.memory, lambda: None)
         self.drv = MockDriver(self.memory, self.transport)
         if not self.drv.probe(3):
@@ -100,7 +104,7 @@ class LeanGuest:
 
     def kick_tx(self) -> None:
         t = time.process_time()
-        self.txq.kick(force=True)   # the device processes tx right here (no device thread)
+        self.txq.kick(force=True)   # the device processes tx right here (no I/O thread)
         self.device_cpu += time.process_time() - t
 
     def reap_tx(self) -> int:
@@ -135,7 +139,7 @@ class LeanGuest:
 
     def pump(self) -> None:
         t = time.process_time()
-        while self.dev.loop.run_once(0):
+        while self.loop.run_once(0):
             pass
         self.device_cpu += time.process_time() - t
 
@@ -196,6 +200,7 @@ def run_tx(size: int, batch: int, packets: int) -> float:
         host.close()
         listener.close()
         g.dev.close()
+        g.loop.close()
         return elapsed
 
 
@@ -238,6 +243,7 @@ def run_rx(size: int, total: int) -> tuple[float, int]:
         elapsed = g.device_cpu
         host.close()
         g.dev.close()
+        g.loop.close()
         return elapsed, packets
 
 

@@ -534,7 +534,7 @@ def test_connection_windows_stay_within_the_global_budget(uds):
     g = Guest(uds)
     g.dev.muxer.tx_buffer_budget = 2 * CONN_TX_BUF_SIZE + CONN_TX_BUF_SIZE_MIN
     try:
-        with g.dev.api.listen(1):
+        with g.api.listen(1):
             for i in range(3):
                 g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 100 + i, 1)
             pkts = g.take()
@@ -554,7 +554,7 @@ def test_connection_windows_stay_within_the_global_budget(uds):
 def test_connection_window_is_configurable_and_checked(uds):
     g = Guest(uds, conn_buf_size=CONN_TX_BUF_SIZE_MIN)
     try:
-        with g.dev.api.listen(1):
+        with g.api.listen(1):
             g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 100, 1)
             assert [h.buf_alloc for h, _ in g.take()] == [CONN_TX_BUF_SIZE_MIN]
     finally:
