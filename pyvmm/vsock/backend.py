@@ -38,10 +38,10 @@ Life of a backend, as the device drives it::
 Guest-initiated connections: the device asks its backends *in the order it
 was given them* (the machine gives ``[VsockApi, UnixBackend]``: Python
 listeners first, then ``<uds_path>_<port>``).  ``connect_guest`` returns a
-connected non-blocking :class:`~pyvmm.vsock.connection.HostStream` (the
-connection is the backend's from then on only as a stream: the muxer owns
-it), None ("not mine": ask the next backend), or raises
-ConnectionRefusedError ("mine, but refused": the guest gets an RST at once).
+connected non-blocking :class:`~pyvmm.vsock.connection.HostStream` (from
+then on the muxer owns it, and closes it when the connection ends), None
+("not mine": ask the next backend), or raises ConnectionRefusedError ("mine,
+but refused": the guest gets an RST at once).
 
 Host-initiated connections: a backend calls
 :meth:`VsockHost.connect_host` with a stream it made (on the loop thread).
@@ -69,8 +69,8 @@ __all__ = ["VsockBackend", "VsockHost"]
 class VsockHost(Protocol):
     """What the device offers its backends (see the module docstring)."""
 
-    #: the device's counters (METRIC_NAMES); a backend adds to its own ones
-    #: ("unix_accepted", "unix_handshake_errors", "host_errors")
+    #: the device's counters (METRIC_NAMES); a backend counts its own events
+    #: there (the Unix backend: "unix_accepted", "unix_handshake_errors")
     metrics: collections.Counter
     #: errors caused by host peers, counted by reason and logged once each
     host_errors: GuestErrorLog
