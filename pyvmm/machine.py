@@ -181,16 +181,6 @@ def _name_insn(code: bytes) -> str:
     return "an instruction KVM could not emulate"
 
 
-def _build_vsock(cfg: VsockConfig):
-    """The vsock device and its host ends: the Python API (asked first for guest
-    connects), then Firecracker's Unix socket if ``cfg.uds_path``.  Nothing is
-    bound yet: the Unix backend binds when the device is attached to the loop."""
-    from .vsock import UnixBackend, VsockApi, VsockDevice
-    api = VsockApi()
-    backends = [api] + ([UnixBackend(cfg.uds_path)] if cfg.uds_path else [])
-    return VsockDevice(cfg.guest_cid, backends), api
-
-
 class Machine:
     def __init__(self, config: MachineConfig, host: HostInfo | None = None) -> None:
         self.config = config
@@ -264,7 +254,10 @@ class Machine:
         devices = list(cfg.virtio_devices)
         self.vsock_device = self.vsock_api = None
         if cfg.vsock is not None:
-            self.vsock_device, self.vsock_api = _build_vsock(cfg.vsock)
+            from .vsock import VsockDevice, default_backends
+            # the Python API, then the Unix socket; the latter binds in attach_loop below
+            self.vsock_api, backends = default_backends(cfg.vsock.uds_path)
+            self.vsock_device = VsockDevice(cfg.vsock.guest_cid, backends)
             devices.insert(0, self.vsock_device)
         self.virtio_slots = []
         for device in devices:

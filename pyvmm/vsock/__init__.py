@@ -26,7 +26,7 @@ from .backend import VsockBackend, VsockHost
 from .device import VsockDevice
 from .packet import (VMADDR_CID_HOST, VirtioVsockOp, VirtioVsockSeqFlag, VirtioVsockShutdown,
                      VirtioVsockType, VsockHeader)
-from .unix import UnixBackend, VsockApi, VsockListener
+from .unix import UnixBackend, VsockApi, VsockListener, default_backends
 
 __all__ = [
     "UnixBackend",
@@ -41,4 +41,5 @@ __all__ = [
     "VsockHeader",
     "VsockHost",
     "VsockListener",
+    "default_backends",
 ]

@@ -87,6 +87,7 @@ __all__ = [
     "UnixBackend",
     "VsockApi",
     "VsockListener",
+    "default_backends",
     "parse_connect_line",
 ]
 
@@ -505,3 +506,11 @@ class VsockApi:
     def transport_reset(self) -> None:
         """Post VIRTIO_VSOCK_EVENT_TRANSPORT_RESET and drop every connection."""
         self.host.transport_reset()
+
+
+def default_backends(uds_path: str | None) -> tuple[VsockApi, list]:
+    """The host ends a machine gives its vsock device, in the order they are
+    asked for guest connects: the Python API (its listeners come first), then
+    Firecracker's Unix socket if ``uds_path``.  Returns (the API, the list)."""
+    api = VsockApi()
+    return api, [api] + ([UnixBackend(uds_path)] if uds_path else [])

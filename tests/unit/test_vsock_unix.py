@@ -237,3 +237,25 @@ def test_short_rx_and_event_buffers_returned_empty(uds):
         assert g.dev.counters()["rx_bad_buffers"] == 1
     finally:
         g.close()
+
+
+def test_python_listener_is_asked_before_the_unix_socket(guest, uds):
+    """The machine's backends in their order: a guest connect to a port that
+    both a Python listener and <uds>_<port> serve goes to Python; once that
+    listener closes, to the Unix socket."""
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(f"{uds}_80")
+    lst.listen()
+    lst.setblocking(False)
+    with guest.api.listen(80) as py:
+        guest.send(Op.VIRTIO_VSOCK_OP_REQUEST, 5000, 80)
+        assert ops(guest.take()) == [Op.VIRTIO_VSOCK_OP_RESPONSE]
+        sock, peer = py.accept(timeout=1)
+        assert peer == (GUEST_CID, 5000)
+    with pytest.raises(BlockingIOError):
+        lst.accept()
+    guest.send(Op.VIRTIO_VSOCK_OP_REQUEST, 5001, 80)
+    assert ops(guest.take()) == [Op.VIRTIO_VSOCK_OP_RESPONSE]
+    conn, _ = lst.accept()
+    for s in (sock, conn, lst):
+        s.close()

@@ -24,7 +24,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.virtio.eventloop import EventLoop
 from pyvmm.virtio.mmio import MmioTransport
 from pyvmm.virtio.mock import MockDriver
-from pyvmm.vsock import UnixBackend, VsockApi, VsockDevice
+from pyvmm.vsock import VsockDevice, default_backends
 from pyvmm.vsock.packet import (HDR, VIRTIO_VSOCK_HDR_LEN, VirtioVsockOp, VirtioVsockType,
                                 VsockHeader)
 
@@ -66,10 +66,10 @@ class Guest:
         self._own_loop = loop is None
         self.loop = EventLoop(self.clock) if self._own_loop else loop
         self.memory = GuestMemory(mem_mib << 20)
-        self.api = VsockApi()
-        self.unix = UnixBackend(uds_path) if uds_path else None
+        self.api, machine_backends = default_backends(uds_path)      # as the machine
+        self.unix = machine_backends[1] if uds_path else None
         if backends is None:
-            backends = [self.api] + ([self.unix] if self.unix else [])
+            backends = machine_backends
         self.dev = VsockDevice(cid, backends, **dev_kw)
         try:
             self.dev.attach_loop(self.loop)     # the Unix backend binds here
