@@ -36,8 +36,9 @@ Life of a backend, as the device drives it::
                              if attach() failed or start() never came
 
 Guest-initiated connections: the device asks its backends *in the order it
-was given them* (the machine gives ``[VsockApi, UnixBackend]``: Python
-listeners first, then ``<uds_path>_<port>``).  ``connect_guest`` returns a
+was given them* (the machine gives ``[VsockApi, UnixBackend]``,
+:func:`~pyvmm.vsock.unix.default_backends`: Python listeners first, then
+``<uds_path>_<port>``).  ``connect_guest`` returns a
 connected non-blocking :class:`~pyvmm.vsock.connection.HostStream` (from
 then on the muxer owns it, and closes it when the connection ends), None
 ("not mine": ask the next backend), or raises ConnectionRefusedError ("mine,

@@ -14,10 +14,9 @@ Contract with the machine
 Construction and lifetime (the :class:`~pyvmm.virtio.device.VirtioDevice`
 machine contract)::
 
-    api = VsockApi()                                  # the Python API
-    unix = UnixBackend(uds_path)                      # Firecracker's Unix end
-    dev = VsockDevice(guest_cid, [api, unix], max_connections=1023,
-                      conn_buf_size=256 KiB)
+    api, backends = default_backends(uds_path)   # [api, UnixBackend(uds_path)]: the
+                                                 #   Python API, Firecracker's Unix end
+    dev = VsockDevice(guest_cid, backends, max_connections=1023, conn_buf_size=256 KiB)
         # guest_cid: 3 .. 2**32-2 (0, 1, 2, 2**32-1 reserved; upper 32 bits zero)
         # backends: asked in this order for guest connects to CID 2
         # conn_buf_size: the buf_alloc each connection advertises (64 KiB .. 64 MiB), within
