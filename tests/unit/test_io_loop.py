@@ -140,6 +140,16 @@ def test_reset_of_one_device_while_the_other_keeps_the_thread_busy(two_guests, t
     lst.close()
 
 
+def test_thread_start_and_stop_are_idempotent(loop):
+    loop.start_thread()
+    thread = loop.thread
+    loop.start_thread()
+    assert loop.running and loop.thread is thread and thread.name == IO_THREAD_NAME
+    loop.stop_thread()
+    loop.stop_thread()
+    assert not loop.running and loop.thread is None and not thread.is_alive()
+
+
 def test_run_in_loop_is_inline_without_a_thread_and_handed_over_with_one(loop):
     ran_on = []
     loop.run_in_loop(lambda: ran_on.append(threading.current_thread()), wait=True)

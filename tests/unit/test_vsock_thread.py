@@ -1,5 +1,6 @@
-"""The I/O thread: the blocking Python API, the machine's add_reader, and
-resets from a vCPU-like thread while the I/O thread runs (no deadlock).
+"""The I/O thread and one vsock device: the blocking Python API, and resets
+from a vCPU-like thread while the I/O thread runs (no deadlock).  The loop
+thread itself, and devices sharing it: test_io_loop.py.
 
 The test thread plays the vCPU (MMIO writes through the transport) and the
 guest driver; it waits for the device's interrupt, never sleeps.
@@ -8,7 +9,6 @@ guest driver; it waits for the device's interrupt, never sleeps.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import socket
 import threading
 
@@ -22,18 +22,6 @@ def guest(tmp_path):
     g = Guest(str(tmp_path / "v.sock"))
     g.loop.start_thread()
     yield g
-    g.close()
-
-
-def test_start_stop_idempotent(tmp_path):
-    g = Guest(str(tmp_path / "v.sock"))
-    g.loop.start_thread()
-    thread = g.loop.thread
-    g.loop.start_thread()
-    assert g.loop.running and g.loop.thread is thread and thread.name == "pyvmm-io"
-    g.loop.stop_thread()
-    g.loop.stop_thread()
-    assert not g.loop.running and not thread.is_alive()
     g.close()
 
 
@@ -68,23 +56,6 @@ def test_listener_accept_blocks_until_guest_connects(guest):
         assert [h.op for h, _ in guest.wait_packets()] == [Op.VIRTIO_VSOCK_OP_RESPONSE]
         with pytest.raises(TimeoutError):
             lst.accept(timeout=0.05)
-
-
-def test_add_reader_runs_on_io_thread(guest):
-    efd = os.eventfd(0, os.EFD_NONBLOCK)
-    seen = []
-    fired = threading.Event()
-
-    def cb():
-        os.eventfd_read(efd)
-        seen.append(threading.get_ident())
-        fired.set()
-    guest.dev.add_reader(efd, cb)
-    os.eventfd_write(efd, 1)
-    assert fired.wait(5)
-    assert seen == [guest.loop.thread.ident]
-    guest.dev.remove_reader(efd)
-    os.close(efd)
 
 
 def test_reset_from_vcpu_thread_while_busy(guest, tmp_path):
