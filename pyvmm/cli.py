@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpu-affinity", metavar="CPUS", help="host CPUs for the vCPU threads, "
                      "a list like 0, 1-3 or 0,2 (default: not pinned)")
     run.add_argument("--io-affinity", metavar="CPUS", help="host CPUs for the device threads "
-                     "(the vsock I/O thread, stdin); same syntax (default: not pinned)")
+                     "(the I/O thread pyvmm-io, stdin); same syntax (default: not pinned)")
     run.add_argument("--metrics", metavar="PATH", help="write the device counters as JSON "
                      "to PATH when the run ends")
 

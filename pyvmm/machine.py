@@ -51,7 +51,7 @@ from .kvm import Kvm, abi, exits
 from .kvm.host import PVM_CMDLINE, HostInfo, detect
 from .memory import GuestMemory
 from .virtio.device import VirtioDevice
-from .virtio.eventloop import EventLoop
+from .virtio.eventloop import IO_THREAD_NAME, EventLoop
 from .virtio.mmio import MmioTransport
 
 log = logging.getLogger("pyvmm")
@@ -90,8 +90,8 @@ class MachineConfig:
     #: further virtio devices, in slot order after vsock (slot i at
     #: layout.mmio_device_base(i), IRQ layout.mmio_device_irq(i))
     virtio_devices: list = field(default_factory=list)
-    #: host CPUs for the vCPU threads / for the device threads (the vsock I/O
-    #: thread, stdin): a CPU list like "0" or "0-1", or a set of ints; None =
+    #: host CPUs for the vCPU threads / for the device threads (the I/O thread
+    #: pyvmm-io of all virtio devices, stdin): a CPU list like "0" or "0-1", or a set of ints; None =
     #: not pinned (pyvmm.affinity)
     vcpu_affinity: "str | frozenset[int] | None" = None
     io_affinity: "str | frozenset[int] | None" = None
@@ -396,6 +396,7 @@ class Machine:
                 for slot in self.virtio_slots:
                     slot.device.start()
                 self.io_loop.start_thread()
+                self.io_loop.run_in_loop(affinity.set_thread_name, IO_THREAD_NAME, wait=True)
                 if self.config.stdin is not None:
                     threading.Thread(target=self._stdin_loop, name="stdin", daemon=True).start()
             for vcpu in self.vcpus:

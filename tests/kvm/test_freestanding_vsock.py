@@ -79,14 +79,16 @@ def test_host_to_guest_echo_with_python_sockets(uds):
 
 
 def test_one_io_thread_serves_both_host_ends(uds):
-    """The machine runs its virtio devices on one I/O thread, "pyvmm-io": the
-    Unix backend and the Python API backend both go through it, and it ends
-    with the machine."""
+    """The machine runs its virtio devices on one I/O thread, "pyvmm-io" (also
+    its kernel name): the Unix backend and the Python API backend both go
+    through it, and it ends with the machine."""
     with guest(uds, "vsock-echo-server port=1234 conns=2") as g:
         g.wait_for(PREFIX + "vsock listening 1234")
         io = g.vm.io_loop.thread
         assert io.name == "pyvmm-io" and io.is_alive()
         assert [t for t in threading.enumerate() if t.name == "pyvmm-io"] == [io]
+        with open(f"/proc/self/task/{io.native_id}/comm") as f:
+            assert f.read().strip() == "pyvmm-io"        # the kernel's name too (top -H, ps -L)
         for connect in (lambda: connect_unix(uds, 1234), lambda: g.vsock.connect(1234)):
             with connect() as s:
                 s.settimeout(60)
