@@ -5,7 +5,8 @@
   ``stream-cost``; a corrupted byte is reported where it is, like the full
   check (which the other tests use).
 * ``pyvmm run --vcpu-affinity / --io-affinity``: the vCPU thread, named
-  ``pyvmm-vcpu0``, and the vsock device thread run where they were told.
+  ``pyvmm-vcpu0``, and the I/O thread, named ``pyvmm-io``, run where they
+  were told.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def test_vcpu_and_io_threads_run_where_they_were_told(uds):
         proc.communicate(timeout=60)
     vcpus = [cpus for comm, cpus in threads.values() if comm == "pyvmm-vcpu0"]
     assert vcpus == [{vcpu_cpu}], threads
-    # the vsock device thread (Python's name for it is not the kernel's) is pinned;
-    # the main thread, which created it, is back to the whole mask
+    # the one I/O thread of the virtio devices is pinned; the main thread, which
+    # created it, is back to the whole mask
     assert threads[proc.pid][1] == set(cpus), threads
-    assert any(comm != "pyvmm-vcpu0" and c == {io_cpu} for comm, c in threads.values()), threads
+    assert [c for comm, c in threads.values() if comm == "pyvmm-io"] == [{io_cpu}], threads
