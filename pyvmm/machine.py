@@ -91,8 +91,8 @@ class MachineConfig:
     #: layout.mmio_device_base(i), IRQ layout.mmio_device_irq(i))
     virtio_devices: list = field(default_factory=list)
     #: host CPUs for the vCPU threads / for the device threads (the I/O thread
-    #: pyvmm-io of all virtio devices, stdin): a CPU list like "0" or "0-1", or a set of ints; None =
-    #: not pinned (pyvmm.affinity)
+    #: pyvmm-io of all virtio devices, stdin): a CPU list like "0" or "0-1", or
+    #: a set of ints; None = not pinned (pyvmm.affinity)
     vcpu_affinity: "str | frozenset[int] | None" = None
     io_affinity: "str | frozenset[int] | None" = None
 
