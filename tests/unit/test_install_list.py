@@ -57,8 +57,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Not the project's own code: build output, caches, the virtualenv, benchmark results, and
-#: every dot-directory but .ci (.git, .venv, .pytest_cache, .hypothesis, ...).
+#: Not the project's own code: build output, caches, the virtualenv, benchmark results, every
+#: dot-directory but .ci (.git, .venv, .pytest_cache, .hypothesis, ...) and dot-files (.git
+#: of a worktree, .gitignore).
 SKIP_DIRS = {"build", "__pycache__", "results"}
 #: Where a fresh Debian machine has its programs (not /usr/local, not this user's PATH: a
 #: program installed by hand elsewhere must not stand in for the set-up's).
@@ -83,7 +84,7 @@ def _project_files() -> list[Path]:
     for directory, subdirs, names in os.walk(ROOT):
         subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS
                             and (d == ".ci" or not d.startswith(".")))
-        files.extend(Path(directory, name) for name in sorted(names))
+        files.extend(Path(directory, name) for name in sorted(names) if not name.startswith("."))
     return files
 
 
