@@ -54,7 +54,7 @@ BAD = {
 
 def add_bad(p: Pair, kind: str) -> int:
     """Publish one malformed chain of ``kind``; returns its head."""
-    mq, size = p.mq, p.mq.size
+    mq, size, end = p.mq, p.mq.size, p.memory.end
     buf = p.scratch(b"bad!")
     if kind in ("loop", "readable-after-writable"):
         a, b = mq.reserve(2)
@@ -68,9 +68,9 @@ def add_bad(p: Pair, kind: str) -> int:
         return a
     (head,) = mq.reserve(1)
     if kind == "outside":
-        mq.write_descriptor(head, MEM_SIZE, 1, 0)
+        mq.write_descriptor(head, end, 1, 0)
     elif kind == "past-end":
-        mq.write_descriptor(head, MEM_SIZE - 4, 8, 0)
+        mq.write_descriptor(head, end - 4, 8, 0)
     elif kind == "wraps-address-space":
         mq.write_descriptor(head, (1 << 64) - 1, 2, 0)
     elif kind == "self-loop":
@@ -93,7 +93,7 @@ def add_bad(p: Pair, kind: str) -> int:
         elif kind == "indirect-too-long":
             length = 16 * (size + 1)
         elif kind == "indirect-outside":
-            addr = MEM_SIZE - 8
+            addr = end - 8
         elif kind == "indirect-loop":
             view[0] = (buf, 4, NEXT, 1)
             view[1] = (buf, 4, NEXT, 0)
