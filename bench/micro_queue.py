@@ -3,18 +3,18 @@
     python bench/micro_queue.py [--reps 200] [--shape tx,tx-indirect,rx] [--json]
 
 What is timed: the device taking 256 published chains off the available
-ring and handing them back, in batches of B (1, 4, 16, 64, 256): per batch
+ring and handing them back, in batches of B (1, 4, 16, 64, 128, 256): per batch
 ``pop_batch(B)``, ``add_used_batch([(head, 0), ...])`` and one
 ``needs_notification()`` (EVENT_IDX on).  The driver's work (publishing the
 256 ring entries) is outside the timed region.  No KVM, no guest: a
 GuestMemory, pyvmm.virtio.mock.MockQueue to lay out the rings and
 descriptors, and pyvmm.virtio.queue.Queue over them.
 
-Two read paths of ``Queue._take_heads`` are timed at every batch size by
+Both read paths of ``Queue.pop_batch`` are timed at every batch size by
 forcing ``queue._NUMPY_MIN_BATCH``: "struct" (ring entries with one
-``struct.unpack_from``, each head descriptor read by the walk) and "numpy"
-(ring slice copied with numpy, head descriptors gathered with one fancy
-index).  The figure is the minimum over ``--reps`` rounds (the median is
+``struct.unpack_from``, every chain walked descriptor by descriptor) and
+"numpy" (ring slice copied with numpy, one- and two-descriptor chains
+gathered and checked elementwise by ``Queue._prewalk``, the rest walked).  The figure is the minimum over ``--reps`` rounds (the median is
 printed too): the machine is shared and noisy, the minimum is the cost.
 
 With a pyvmm that has no ``pop_batch`` (before the batched queue) it times
@@ -46,7 +46,7 @@ from pyvmm.virtio.device import VirtioFeature, feature_mask  # noqa: E402
 from pyvmm.virtio.mock import MockDriver, MockQueue  # noqa: E402
 
 SIZE = 256
-BATCHES = (1, 4, 16, 64, 256)
+BATCHES = (1, 4, 16, 64, 128, 256)
 SHAPES = ("tx", "tx-indirect", "rx")
 
 

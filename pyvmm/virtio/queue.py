@@ -92,15 +92,19 @@ each other.  Hence:
 
 Batches, and struct versus numpy.  The walk of a chain is plain Python on
 plain ints (a precompiled ``struct.Struct('<QIHH')`` per descriptor; no
-IntFlag or NamedTuple per descriptor).  What differs with the batch size is
-how the available ring and the head descriptors are read: one
-``struct.unpack_from('<nH')`` of the ring entries (each head descriptor then
-read by the walk), or a numpy copy of the ring slice plus one numpy gather
-of the ``n`` head descriptors.  numpy has a fixed cost of a few us per call
-and wins only for large batches: ``_NUMPY_MIN_BATCH``.  Measured with
-``python bench/micro_queue.py`` (us per chain, pop + add_used +
-needs_notification, minimum of 200 rounds of 256 chains, 2-descriptor tx
-chains; 2-vCPU EPYC under PVM, shared and noisy)::
+IntFlag or NamedTuple per descriptor).  A batch of fewer than
+``_NUMPY_MIN_BATCH`` entries reads the ring entries with one
+``struct.unpack_from('<nH')`` and walks every chain.  A larger batch copies
+the ring slice with numpy and pre-checks the common chains all at once
+(:meth:`Queue._prewalk`: one or two plain descriptors, gathered out of the
+table and checked elementwise with the walk's own rules); everything else,
+including every chain that breaks a rule, is walked one by one, so errors
+and reports are the walk's.  numpy costs some tens of us per batch
+whatever its size and saves about a microsecond per pre-checked chain, so
+it pays only for large batches; an indirect-table workload never gains
+(its chains are all walked).  Measured with ``python bench/micro_queue.py``
+(us per chain for pop_batch + add_used_batch + needs_notification, minimum
+of 200 rounds of 256 chains; 2-vCPU EPYC under PVM, shared and noisy)::
 
     (measurement pending: taken while the machine is quiet)
 
@@ -201,7 +205,7 @@ _USED_F_NO_NOTIFY = int(VIRTQ_USED_F_NO_NOTIFY)
 #: ``struct virtq_desc`` for struct: one call copies a descriptor out as four ints
 _DESC = struct.Struct("<QIHH")
 _DESC_UNPACK = _DESC.unpack_from
-_DESC_ITER = _DESC.iter_unpack
+_new = object.__new__
 _LE16 = struct.Struct("<H")
 _flatten = itertools.chain.from_iterable
 #: batches of at least this many available-ring entries are read with numpy
@@ -360,8 +364,7 @@ class DescriptorChain:
                  "writable_len", "_ram", "_base")
 
     def __init__(self, memory: GuestMemory, ram: memoryview, head: int, table_off: int,
-                 limit: int, first: tuple[int, int, int, int] | None, indirect_desc: bool,
-                 max_indirect: int) -> None:
+                 limit: int, indirect_desc: bool, max_indirect: int) -> None:
         self.memory = memory
         self._ram = ram
         self._base = memory.base
@@ -369,16 +372,26 @@ class DescriptorChain:
         self.head = head
         self._descs: list[tuple[int, int, int]] = []
         #: None, or the fixed reason string of the first rule the chain broke
-        self.error: str | None = self._walk(table_off, limit, head, first, indirect_desc, max_indirect)
+        self.error: str | None = self._walk(table_off, limit, head, indirect_desc, max_indirect)
 
-    def _walk(self, table_off: int, limit: int, index: int, desc: tuple | None,
-              indirect_desc: bool, max_indirect: int) -> str | None:
+    @classmethod
+    def _checked(cls, memory: GuestMemory, ram: memoryview, head: int,
+                 descs: list[tuple[int, int, int]], n_readable: int, readable_len: int,
+                 writable_len: int) -> DescriptorChain:
+        """A chain :meth:`Queue._prewalk` already read and checked (no walk)."""
+        chain = _new(cls)
+        chain.memory, chain._ram, chain._base, chain.head, chain.error = memory, ram, memory.base, head, None
+        chain._descs, chain.n_readable = descs, n_readable
+        chain.readable_len, chain.writable_len = readable_len, writable_len
+        return chain
+
+    def _walk(self, table_off: int, limit: int, index: int, indirect_desc: bool,
+              max_indirect: int) -> str | None:
         """Walk the chain from ``index`` in the table at RAM offset ``table_off``.
 
         §2.7.5 (chaining, ``VIRTQ_DESC_F_NEXT``), §2.7.5.3 (indirect tables),
         §2.7.4.2 (readable before writable).  Every descriptor is copied out
-        of guest RAM exactly once (one ``struct.unpack_from`` of 16 bytes, or
-        ``desc``: the head descriptor already copied out by a batched read)
+        of guest RAM exactly once (one ``struct.unpack_from`` of 16 bytes)
         and checked as plain ints before anything uses it.
         """
         ram, descs, append = self._ram, self._descs, self._descs.append
@@ -394,11 +407,7 @@ class DescriptorChain:
                 error = "descriptor chain loops or is longer than its table (ttl)"
                 break
             ttl -= 1
-            if desc is None:
-                addr, length, flags, nxt = unpack(ram, table_off + 16 * index)   # one copy: no TOCTOU
-            else:
-                addr, length, flags, nxt = desc
-                desc = None
+            addr, length, flags, nxt = unpack(ram, table_off + 16 * index)   # one copy: no TOCTOU
             if flags & _F_INDIRECT:
                 if not indirect_desc:
                     error = "VIRTQ_DESC_F_INDIRECT without VIRTIO_F_INDIRECT_DESC"
@@ -571,6 +580,7 @@ class Queue:
         self._avail_event_off = used_ring - base + 4 + 8 * size
         self._desc = memory.ndarray(desc_table, VIRTQ_DESC, size)
         self._avail_ring_np = memory.ndarray(avail_ring + 4, "<u2", size)
+        self._np_base, self._np_end = np.uint64(memory.base), np.uint64(memory.end)
 
         #: free-running u16: the next available-ring entry the device will read
         self.last_avail_idx = 0
@@ -638,15 +648,15 @@ class Queue:
             return False
         return self._avail_idx() != self.last_avail_idx
 
-    def _take_heads(self, want: int) -> tuple[list[int], list | None, int | None]:
+    def _take_heads(self, want: int) -> tuple[list[int], np.ndarray | None, int | None]:
         """Consume up to ``want`` available-ring entries (§2.7.6) in one read.
 
-        Returns ``(heads, firsts, bad_head)``: the chain heads in ring order,
-        the head descriptors already copied out (numpy path) or None, and a
-        head ``>= size`` that ended the batch (the caller breaks the queue
-        *after* walking the heads before it, as a sequence of single pops
-        would).  ``avail.idx`` is read once; a jump of more than ``size``
-        breaks the queue here.
+        Returns ``(heads, array, bad_head)``: the chain heads in ring order
+        (a list; with numpy also as an array, for :meth:`_prewalk`, else
+        None), and a head ``>= size`` that ended the batch (the caller breaks
+        the queue *after* walking the heads before it, as a sequence of
+        single pops would).  ``avail.idx`` is read once; a jump of more than
+        ``size`` breaks the queue here.
         """
         if self._stopped or self.broken:
             return [], None, None
@@ -663,18 +673,16 @@ class Queue:
         n = pending if pending < want else want
         start = last & (size - 1)
         first = size - start                 # entries before the ring wraps
-        firsts = None
+        bad = h = None
         if n >= _NUMPY_MIN_BATCH:
             ring = self._avail_ring_np
             h = ring[start:start + n].copy() if n <= first else \
                 np.concatenate((ring[start:], ring[:n - first]))       # one copy: no TOCTOU
             over = h >= size
-            bad = None
             if over.any():
                 i = int(over.argmax())
                 bad, h = int(h[i]), h[:i]
             heads = h.tolist()
-            firsts = list(_DESC_ITER(self._desc[h].tobytes()))         # gather: one copy each
         else:
             ring, off = self._ram, self._avail_ring_off
             if n <= first:
@@ -682,14 +690,72 @@ class Queue:
             else:
                 heads = list(_u16s(first).unpack_from(ring, off + 2 * start))
                 heads += _u16s(n - first).unpack_from(ring, off)
-            bad = None
             if max(heads) >= size:
                 i = next(i for i, h in enumerate(heads) if h >= size)
                 bad, heads = heads[i], heads[:i]
         taken = len(heads) + (bad is not None)
         self.last_avail_idx = (last + taken) & _U16
         self.in_flight += len(heads)
-        return heads, firsts, bad
+        return heads, h, bad
+
+    def _prewalk(self, heads: list[int], h: np.ndarray) -> list[DescriptorChain | None]:
+        """Check the common chains of a large batch with numpy, all at once.
+
+        The chains this recognises are the ones that dominate a vsock queue:
+        one descriptor, or two chained by VIRTQ_DESC_F_NEXT, no INDIRECT.
+        Their descriptors are gathered out of the table (one copy each) and
+        checked elementwise with exactly the rules of the walk (§2.7.5:
+        buffer inside RAM, ``next < size``, readable before writable, at most
+        2**32 bytes; a 2-descriptor chain also needs ``size >= 2`` for the
+        ttl); a chain passing them is built from the copies without a walk.
+        Anything else (indirect tables, longer chains, and every chain that
+        breaks a rule) gets ``None``: the caller walks it from scratch with
+        :class:`DescriptorChain`, so errors and reports stay the walk's own.
+        """
+        d0 = self._desc[h]                                   # gather: one copy
+        size, base, end = self.size, self._np_base, self._np_end
+        a0, l0, f0, n0 = d0["addr"], d0["len"], d0["flags"], d0["next"]
+        kind0 = f0 & (_F_NEXT | _F_INDIRECT)
+        # addr + len may wrap u64: compare len with end - addr (only read where addr <= end)
+        in0 = (a0 >= base) & (a0 <= end) & (l0 <= end - np.minimum(a0, end))
+        one = in0 & (kind0 == 0)
+        w0 = (f0 & _F_WRITE) != 0
+        two = in0 & (kind0 == _F_NEXT) & (n0 < size) if size >= 2 else np.zeros_like(one)
+        if two.any():
+            d1 = self._desc[np.where(two, n0, 0)]            # gather: one copy
+            a1, l1, f1 = d1["addr"], d1["len"], d1["flags"]
+            w1 = (f1 & _F_WRITE) != 0
+            two &= ((a1 >= base) & (a1 <= end) & (l1 <= end - np.minimum(a1, end))
+                    & ((f1 & (_F_NEXT | _F_INDIRECT)) == 0) & ~(w0 & ~w1)
+                    & (l0.astype(np.uint64) + l1 <= _MAX_CHAIN_BYTES))
+            A1, L1, F1 = a1.tolist(), l1.tolist(), f1.tolist()
+            R1 = (~w1).tolist()
+        elif not one.any():
+            return [None] * len(heads)
+        else:
+            A1 = L1 = F1 = R1 = None
+        kinds = (one + 2 * two).tolist()
+        A0, L0, F0, R0 = a0.tolist(), l0.tolist(), f0.tolist(), (~w0).tolist()
+        memory, ram, checked = self.memory, self._ram, DescriptorChain._checked
+        out: list[DescriptorChain | None] = []
+        for i, head in enumerate(heads):
+            k = kinds[i]
+            if k == 0:
+                out.append(None)
+            elif k == 1:
+                n = L0[i]
+                out.append(checked(memory, ram, head, [(A0[i], n, F0[i])],
+                                   1, n, 0) if R0[i] else
+                           checked(memory, ram, head, [(A0[i], n, F0[i])], 0, 0, n))
+            else:
+                n, m = L0[i], L1[i]
+                descs = [(A0[i], n, F0[i]), (A1[i], m, F1[i])]
+                if R0[i]:
+                    out.append(checked(memory, ram, head, descs, 2, n + m, 0) if R1[i] else
+                               checked(memory, ram, head, descs, 1, n, m))
+                else:
+                    out.append(checked(memory, ram, head, descs, 0, 0, n + m))
+        return out
 
     def pop_batch(self, max_chains: int, *, drop_bad: bool = True) -> list[DescriptorChain]:
         """Up to ``max_chains`` new, well-formed descriptor chains, in ring order.
@@ -713,10 +779,12 @@ class Queue:
         memory, ram, desc_off, size = self.memory, self._ram, self._desc_off, self.size
         indirect = self.indirect_desc
         while len(out) < max_chains:
-            heads, firsts, bad = self._take_heads(max_chains - len(out))
+            heads, h, bad = self._take_heads(max_chains - len(out))
+            pre = self._prewalk(heads, h) if h is not None and heads else None
             for i, head in enumerate(heads):
-                chain = DescriptorChain(memory, ram, head, desc_off, size,
-                                        None if firsts is None else firsts[i], indirect, size)
+                chain = pre[i] if pre is not None else None
+                if chain is None:
+                    chain = DescriptorChain(memory, ram, head, desc_off, size, indirect, size)
                 if chain.error is None:
                     out.append(chain)
                     continue

@@ -14,7 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyvmm.memory import GuestMemory
 from pyvmm.virtio import queue as queue_mod
+from pyvmm.virtio.mock import MockDriver, MockQueue
 from pyvmm.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
                                 vring_need_event)
 from test_virtio_queue import EVENT_IDX, INDIRECT, MEM_SIZE, Pair
@@ -445,3 +447,23 @@ def test_batches_equal_repeated_single_pops(spec, batch_sizes, start, read_path)
         assert outcome(batched, got_b) == outcome(single, got_s)
     finally:
         queue_mod._NUMPY_MIN_BATCH = saved
+
+
+@pytest.mark.parametrize("second,ok", [(0x0001_0000, True), (0x0001_0001, False)])
+def test_two_descriptors_over_4gib_in_total(path, second, ok):
+    """The 2**32-byte limit on two plain descriptors (the numpy path checks the
+    sum itself): exactly 2**32 is allowed, one byte more is not (§2.7.5)."""
+    memory = GuestMemory(5 << 30)                     # untouched pages cost nothing
+    drv = MockDriver(memory, transport=None)
+    drv.features = INDIRECT
+    mq = MockQueue(drv, 0, 4)
+    q = queue_mod.Queue(memory, 4, mq.desc_gpa, mq.avail_gpa, mq.used_gpa, indirect_desc=True)
+    a, b = mq.reserve(2)
+    mq.write_descriptor(a, 1 << 28, 0xFFFF_0000, NEXT, b)
+    mq.write_descriptor(b, 1 << 32, second, WRITE)
+    mq.publish(a)
+    chains = q.pop_batch(4)
+    if ok:
+        assert [(c.head, c.readable_len, c.writable_len) for c in chains] == [(a, 0xFFFF_0000, second)]
+    else:
+        assert chains == [] and q.errors.counts == {"descriptor chain longer than 2**32 bytes": 1}
