@@ -70,11 +70,19 @@ nothing a guest writes can raise out of this module or loop forever.
 Memory ordering.  pyvmm runs on x86-64, whose TSO model keeps stores in
 order with stores and loads in order with loads; the one reordering it
 allows is a *later load passing an earlier store* (store buffer).  The rings
-are read and written with ``struct`` on one memoryview of guest RAM (and,
-for large batches, numpy slices and gathers); an aligned ``le16``/``le32``
-field is copied with one aligned move (no tearing), and each Python
-statement is a separate C call, so the compiler cannot move them across
-each other.  Hence:
+are read with ``struct`` on one memoryview of guest RAM (and, for large
+batches, numpy slices and gathers); an aligned ``le16``/``le32`` field is
+copied with one aligned move (no tearing), and each Python statement is a
+separate C call, so the compiler cannot move them across each other.  The
+used elements are written with ``struct.pack_into``, but the three fields
+the driver polls (``used.idx``, ``used.flags``, ``avail_event``) are stored
+with a numpy scalar assignment, one aligned 16-bit store: ``pack_into``
+zero-fills its destination before writing the value (CPython's
+``s_pack_internal``), and a driver that saw ``used.idx`` go to 0 for a
+moment would take stale used elements for new ones (the freestanding guest
+did: "device returned id 0, which is not an outstanding chain head").  A
+used element is not read by the driver before ``used.idx`` covers it, so
+the zero-fill is harmless there.  Hence:
 
 * pop_batch: read ``avail.idx``, then the ring entries, then the
   descriptors: load->load, ordered by TSO (the driver wrote them in the
@@ -565,22 +573,30 @@ class Queue:
         self.errors = errors if errors is not None else GuestErrorLog(f"virtqueue {index}")
         self._on_broken = on_broken
 
-        # All ring accesses go through one memoryview of guest RAM at offsets
-        # checked once above (_check_layout): struct reads and writes of plain
-        # ints.  The numpy views serve the large-batch reads (_NUMPY_MIN_BATCH).
-        self._ram = memory.view(memory.base, memory.size)
+        # Reads of the rings, and the used elements (not visible to the driver
+        # until used.idx covers them), go through one memoryview of guest RAM
+        # at offsets checked once above (_check_layout), as struct reads and
+        # writes of plain ints.  The three fields the driver may be reading
+        # while we store them (used.idx, used.flags, avail_event) are stored
+        # through numpy views instead: struct.pack_into zero-fills its
+        # destination before it writes the value (CPython s_pack_internal),
+        # so a driver polling used.idx on another CPU would see it drop to 0
+        # for a moment and read stale used elements as new.  The memoryview
+        # is taken over a numpy view (which holds no buffer export of the
+        # mmap), so GuestMemory.close() still unmaps RAM as it did before.
+        self._ram = memoryview(memory.ndarray(memory.base, np.uint8, memory.size))
         base = memory.base
         self._desc_off = desc_table - base
         self._avail_idx_off = avail_ring - base + 2
         self._avail_ring_off = avail_ring - base + 4
         self._used_event_off = avail_ring - base + 4 + 2 * size
-        self._used_flags_off = used_ring - base
-        self._used_idx_off = used_ring - base + 2
         self._used_ring_off = used_ring - base + 4
-        self._avail_event_off = used_ring - base + 4 + 8 * size
         self._desc = memory.ndarray(desc_table, VIRTQ_DESC, size)
         self._avail_ring_np = memory.ndarray(avail_ring + 4, "<u2", size)
         self._np_base, self._np_end = np.uint64(memory.base), np.uint64(memory.end)
+        self._used_flags_np = memory.ndarray(used_ring, "<u2", 1)
+        self._used_idx_np = memory.ndarray(used_ring + 2, "<u2", 1)
+        self._avail_event_np = memory.ndarray(used_ring + 4 + 8 * size, "<u2", 1)
 
         #: free-running u16: the next available-ring entry the device will read
         self.last_avail_idx = 0
@@ -861,7 +877,7 @@ class Queue:
         # x86 TSO keeps store->store order anyway; once per batch the fence
         # costs ~0.1 us, so we make the ordering explicit.
         memory_barrier()
-        _LE16.pack_into(ram, self._used_idx_off, new)     # publish
+        self._used_idx_np[0] = new          # publish: one 16-bit store (never struct.pack_into)
         self.next_used_idx = new
         self.in_flight -= n
         self._used_since_decision += n
@@ -910,7 +926,7 @@ class Queue:
         :meth:`enable_notification` moves ``avail_event`` again.
         """
         if not self._stopped and not self.event_idx:
-            _LE16.pack_into(self._ram, self._used_flags_off, _USED_F_NO_NOTIFY)
+            self._used_flags_np[0] = _USED_F_NO_NOTIFY
 
     def enable_notification(self) -> bool:
         """Ask for a kick on the next new buffer; True if buffers already arrived.
@@ -931,9 +947,9 @@ class Queue:
         if self._stopped or self.broken:
             return False
         if self.event_idx:
-            _LE16.pack_into(self._ram, self._avail_event_off, self.last_avail_idx)
+            self._avail_event_np[0] = self.last_avail_idx
         else:
-            _LE16.pack_into(self._ram, self._used_flags_off, 0)
+            self._used_flags_np[0] = 0
         memory_barrier()        # our avail_event/flags store before the avail.idx load
         return self.has_available()
 

@@ -241,22 +241,28 @@ def test_batch_bounded_by_max_chains_and_drops_do_not_count(path):
 
 # --- the used side -----------------------------------------------------------------------------
 
-class CountingStruct:
-    """Wraps queue._LE16 and counts the stores to one offset (used.idx)."""
+class CountingStores:
+    """Stands in for a queue's numpy view of used.idx and counts the stores."""
 
-    def __init__(self, real, offset: int) -> None:
-        self.real, self.offset, self.stores = real, offset, 0
-        self.unpack_from = real.unpack_from
+    def __init__(self, view) -> None:
+        self.view, self.stores = view, 0
 
-    def pack_into(self, buf, offset, *values):
-        self.stores += offset == self.offset
-        return self.real.pack_into(buf, offset, *values)
+    def __setitem__(self, index, value) -> None:
+        self.stores += 1
+        self.view[index] = value
+
+    def __getitem__(self, index):
+        return self.view[index]
 
 
-def test_used_idx_published_once_per_batch(path, monkeypatch):
+def count_used_idx_stores(q: queue_mod.Queue) -> CountingStores:
+    q._used_idx_np = counter = CountingStores(q._used_idx_np)
+    return counter
+
+
+def test_used_idx_published_once_per_batch(path):
     p = Pair(16, features=INDIRECT | EVENT_IDX)
-    counter = CountingStruct(queue_mod._LE16, p.q._used_idx_off)
-    monkeypatch.setattr(queue_mod, "_LE16", counter)
+    counter = count_used_idx_stores(p.q)
     heads = [p.mq.add_chain([b"x"], [4]) for _ in range(6)]
     chains = p.q.pop_batch(16)
     assert int(p.mq.used_idx_view[0]) == 0 and counter.stores == 0     # popping publishes nothing
@@ -467,3 +473,43 @@ def test_two_descriptors_over_4gib_in_total(path, second, ok):
         assert [(c.head, c.readable_len, c.writable_len) for c in chains] == [(a, 0xFFFF_0000, second)]
     else:
         assert chains == [] and q.errors.counts == {"descriptor chain longer than 2**32 bytes": 1}
+
+
+class SpyStruct:
+    """A struct.Struct that records the byte ranges its pack_into writes."""
+
+    def __init__(self, real, writes: list) -> None:
+        self.real, self.writes = real, writes
+        self.unpack_from, self.size = real.unpack_from, real.size
+
+    def pack_into(self, buf, offset, *values):
+        self.writes.append((offset, offset + self.real.size))
+        return self.real.pack_into(buf, offset, *values)
+
+
+def test_struct_pack_into_zero_fills_so_published_fields_never_use_it(monkeypatch):
+    """CPython's struct.pack_into clears its destination before writing the
+    value, so a concurrent reader can see 0 in between: used.idx, used.flags
+    and avail_event (what the driver polls) must be stored some other way."""
+    buf = bytearray(b"\xff" * 4)
+    struct_mod = __import__("struct")
+    struct_mod.pack_into("<HxB", buf, 0, 5, 7)
+    assert buf == b"\x05\x00\x00\x07"                # the pad byte was written: zero-filled
+    writes: list = []
+    monkeypatch.setattr(queue_mod, "_LE16", SpyStruct(queue_mod._LE16, writes))
+    real_u32s = queue_mod._u32s
+    monkeypatch.setattr(queue_mod, "_u32s", lambda n: SpyStruct(real_u32s(n), writes))
+    for features in (INDIRECT, INDIRECT | EVENT_IDX):
+        p = Pair(8, features=features)
+        p.q.disable_notification()
+        for _ in range(20):                         # wraps the used ring twice
+            p.mq.add_chain([b"x"], [1])
+            p.q.add_used_batch([(c.head, 1) for c in p.q.pop_batch(8)])
+            p.q.needs_notification()
+            p.q.enable_notification()
+            p.mq.used()
+        used = p.q.used_ring - p.memory.base
+        published = [(used, used + 4), (used + 4 + 8 * 8, used + 6 + 8 * 8)]
+        assert writes and all(w_end <= lo or hi <= w_start
+                              for w_start, w_end in writes for lo, hi in published)
+        assert int(p.mq.used_idx_view[0]) == 20

@@ -13,7 +13,7 @@ import pytest
 
 from pyvmm.virtio import queue as queue_mod
 from pyvmm.vsock.device import EVENTQ, RXQ, TXQ
-from test_virtio_queue_batch import CountingStruct, add_bad
+from test_virtio_queue_batch import add_bad, count_used_idx_stores
 from vsock_guest import Guest, Op, hdr
 
 
@@ -30,22 +30,19 @@ class QueueOf:
 
 
 @pytest.fixture
-def stores(guest, monkeypatch):
-    """used.idx stores per queue index, counted at the device's struct."""
-    counters = {}
-    real = queue_mod._LE16
+def stores(guest):
+    """used.idx stores per queue index (0 rx, 1 tx, 2 event)."""
+    counters = [count_used_idx_stores(q) for q in guest.dev._queues]
 
-    class PerQueue:
-        unpack_from = real.unpack_from
+    class Stores:
+        def clear(self):
+            for c in counters:
+                c.stores = 0
 
-        def pack_into(self, buf, offset, *values):
-            for index, q in enumerate(guest.dev._queues):
-                if offset == q._used_idx_off:
-                    counters[index] = counters.get(index, 0) + 1
-            return real.pack_into(buf, offset, *values)
+        def __getitem__(self, index):
+            return counters[index].stores
 
-    monkeypatch.setattr(queue_mod, "_LE16", PerQueue())
-    return counters
+    return Stores()
 
 
 def connect(g: Guest, uds: str, port: int = 1234, guest_port: int = 5000):
@@ -122,10 +119,7 @@ def test_rx_batch_returned_once(uds, monkeypatch):
     g = Guest(uds, rx_payload=1000)
     try:
         lst, conn = connect(g, uds)
-        real = queue_mod._LE16
-        rx = g.dev._queues[RXQ]
-        count = CountingStruct(real, rx._used_idx_off)
-        monkeypatch.setattr(queue_mod, "_LE16", count)
+        count = count_used_idx_stores(g.dev._queues[RXQ])
         seen = []
         fill = g.dev.muxer.fill_rx
         g.dev.muxer.fill_rx = lambda buf: (seen.append(int(g.rxq.used_idx_view[0])), fill(buf))[1]
@@ -204,8 +198,7 @@ def test_event_short_buffers_in_a_batch_returned_once(uds, monkeypatch):
         short1 = g.evq.add_chain(writable=[2])
         short2 = g.evq.add_chain(writable=[3])
         ok = g.evq.add_chain(writable=[4])
-        count = CountingStruct(queue_mod._LE16, g.dev._queues[EVENTQ]._used_idx_off)
-        monkeypatch.setattr(queue_mod, "_LE16", count)
+        count = count_used_idx_stores(g.dev._queues[EVENTQ])
         g.dev.transport_reset()
         assert count.stores == 1
         used = g.evq.used()
