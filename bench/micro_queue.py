@@ -1,6 +1,6 @@
 """Microbenchmark of the split virtqueue's device side: us per chain by batch size.
 
-    python bench/micro_queue.py [--reps 200] [--shape tx,tx-indirect,rx] [--json]
+    python bench/micro_queue.py [--reps 200] [--shape tx,tx-indirect,rx] [--batches 1,4,...] [--json]
 
 What is timed: the device taking 256 published chains off the available
 ring and handing them back, in batches of B (1, 4, 16, 64, 128, 256): per batch
@@ -129,6 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--shape", default=",".join(SHAPES))
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="batch sizes (comma-separated)")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = ap.parse_args()
     batched = hasattr(queue_mod.Queue, "pop_batch")
@@ -139,7 +140,7 @@ def main() -> None:
     for shape in args.shape.split(","):
         print(f"\n{shape}")
         print(f"{'batch':>6}  " + "  ".join(f"{m:>16}" for m in modes) + ("  uses" if batched else ""))
-        for b in BATCHES:
+        for b in map(int, args.batches.split(",")):
             row = {m: measure(shape, b, m, args.reps) for m in modes}
             results[f"{shape}/{b}"] = {m: {"min": v[0], "median": v[1]} for m, v in row.items()}
             cells = "  ".join(f"{v[0]:7.2f} ({v[1]:6.2f})" for v in row.values())

@@ -112,9 +112,22 @@ whatever its size and saves about a microsecond per pre-checked chain, so
 it pays only for large batches; an indirect-table workload never gains
 (its chains are all walked).  Measured with ``python bench/micro_queue.py``
 (us per chain for pop_batch + add_used_batch + needs_notification, minimum
-of 200 rounds of 256 chains; 2-vCPU EPYC under PVM, shared and noisy)::
+over 4 runs of 300 rounds of 256 chains; 2-vCPU EPYC under PVM, shared and
+noisy: single runs move by up to 50%, so compare minima; "before" is
+``pop()`` + ``add_used()`` per chain as they were before batching)::
 
-    (measurement pending: taken while the machine is quiet)
+    batch   tx: 44 + 4096 B, 2 descriptors   tx, one INDIRECT table of 2   rx: 2 writable
+            before  struct  numpy            before  struct  numpy         before  struct  numpy
+        1    18.2    6.9    60.1              23.6    7.3    35.3           18.3    6.8    63.3
+        4    17.4    3.0    15.9              22.5    3.4    10.7           17.0    3.0    16.2
+       16    17.1    2.0     4.6              22.1    2.4     4.1           17.1    2.0     4.8
+       64    16.9    1.8     1.9              21.8    2.2     2.7           16.9    1.7     1.9
+      128    16.9    1.8     1.5              21.9    2.1     2.4           16.8    1.7     1.5
+      256    17.0    1.7     1.2              22.2    2.1     2.3           17.3    1.7     1.2
+
+So numpy from 128 entries on (``_NUMPY_MIN_BATCH``): the crossover for
+plain chains lies between 64 and 128; indirect chains pay 0.15-0.3 us per
+chain for it at 128 and 256.
 
 Threads.  A queue is used by one device thread at a time (it is not
 locked).  ``stop()`` may be called from another thread (the transport on
@@ -217,9 +230,9 @@ _new = object.__new__
 _LE16 = struct.Struct("<H")
 _flatten = itertools.chain.from_iterable
 #: batches of at least this many available-ring entries are read with numpy
-#: (ring slice + gather of the head descriptors); smaller ones with struct.
-#: Measured with bench/micro_queue.py: see the module docstring.
-_NUMPY_MIN_BATCH = 64
+#: (ring slice, and Queue._prewalk of the plain chains); smaller ones with
+#: struct.  Measured with bench/micro_queue.py: see the module docstring.
+_NUMPY_MIN_BATCH = 128
 
 
 @functools.lru_cache(maxsize=256)
