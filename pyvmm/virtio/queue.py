@@ -792,9 +792,10 @@ class Queue:
         Exactly what ``max_chains`` calls of :meth:`pop` would return, with
         the same checks, reports and used-ring contents, but the available
         ring is read in one pass: ``avail.idx`` once, the ring entries for
-        the whole batch at once (``struct`` for small batches, numpy for
-        large ones, with the head descriptors gathered too: see the module
-        docstring), then each chain walked with plain ints.  A malformed
+        the whole batch at once (``struct`` for small batches; numpy for
+        large ones, which also pre-checks the plain one- and two-descriptor
+        chains in bulk, :meth:`_prewalk`: see the module docstring), then
+        every other chain walked with plain ints.  A malformed
         chain is reported, dropped (handed back with ``used.len = 0``, all
         drops of the call published with one ``used.idx`` store) and does
         not count against ``max_chains``: the chains after it are still

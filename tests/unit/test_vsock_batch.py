@@ -11,7 +11,6 @@ import socket
 
 import pytest
 
-from pyvmm.virtio import queue as queue_mod
 from pyvmm.vsock.device import EVENTQ, RXQ, TXQ
 from test_virtio_queue_batch import add_bad, count_used_idx_stores
 from vsock_guest import Guest, Op, hdr
@@ -115,7 +114,7 @@ def test_tx_batch_with_bad_chains_serves_the_good_ones_in_order(guest, uds, stor
                          "indirect table length is 0 or not a multiple of 16": 1}
 
 
-def test_rx_batch_returned_once(uds, monkeypatch):
+def test_rx_batch_returned_once(uds):
     g = Guest(uds, rx_payload=1000)
     try:
         lst, conn = connect(g, uds)
@@ -189,7 +188,7 @@ def test_rx_chains_popped_ahead_are_kept_for_later(uds):
         g.close()
 
 
-def test_event_short_buffers_in_a_batch_returned_once(uds, monkeypatch):
+def test_event_short_buffers_in_a_batch_returned_once(uds):
     g = Guest(uds)
     try:
         for _ in range(8):                              # use up the 8 buffers Guest posted
