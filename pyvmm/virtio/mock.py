@@ -31,7 +31,7 @@ Queue work (:class:`MockQueue`, one per queue): ``add_chain(readable=[bytes,
 ...], writable=[sizes...], indirect=False)`` fills buffers and descriptors
 and publishes the head; ``kick()`` notifies unless the device suppressed it
 (honouring VIRTQ_USED_F_NO_NOTIFY / ``avail_event``); ``used()`` collects
-``(head, len, bytes written)``.  Raw helpers (``write_descriptor``,
+``(head, len, bytes written)``.  Raw helpers (``reserve``, ``write_descriptor``,
 ``publish``, ``set_avail_idx``, ...) corrupt things on purpose for hostile
 tests.  Buffers come from a bump allocator and are never freed: use a fresh
 GuestMemory per test.
@@ -156,6 +156,19 @@ class MockQueue:
         return idxs[0]
 
     # -- raw helpers (for hostile tests too) ------------------------------------
+    def reserve(self, count: int) -> list[int]:
+        """Take ``count`` free descriptor indices for a hand-written chain.
+
+        The first is the chain's head: once the device returns it (``used()``),
+        all of them are free again.  Write them with :meth:`write_descriptor`
+        and publish the head with :meth:`publish`.
+        """
+        if not 0 < count <= len(self.free):
+            raise MockDriverError("not enough free descriptors")
+        idxs = [self.free.pop(0) for _ in range(count)]
+        self.chains[idxs[0]] = (idxs, [])
+        return idxs
+
     def write_descriptor(self, index: int, addr: int, length: int, flags: int, next_: int = 0) -> None:
         self.desc[index] = (addr, length, flags, next_)
 

@@ -107,12 +107,17 @@ NO_IMPLIED_STREAM (a v1.3 bit whose point is letting a driver turn stream
 *off*) would let a newer driver negotiate away the only type all peers use.
 SEQPACKET packets are accepted only if F_SEQPACKET was acked (else RST).
 
-Queues (§5.10.2, config §5.10.4, events §5.10.6.7): 0 rx, 1 tx, 2 event; QueueSizeMax 256 each.  tx: every
+Queues (§5.10.2, config §5.10.4, events §5.10.6.7): 0 rx, 1 tx, 2 event; QueueSizeMax 256 each.  Every
+queue is worked in batches (:meth:`~pyvmm.virtio.queue.Queue.pop_batch`,
+:meth:`~pyvmm.virtio.queue.Queue.add_used_batch`): the chains of a batch
+are taken off the available ring in one pass and returned with one
+``used.idx`` store, in ring order.  tx: every
 chain is parsed (header copied once, payload zero-copy, any number of
 descriptors), routed, and returned with used.len 0; malformed chains are
 counted, logged once per reason, and returned.  rx: each chain gets one
-packet (either rx layout, see :mod:`~pyvmm.vsock.packet`); a chain the muxer
-has nothing for right now is held (one at most) until it has.  tx keeps being
+packet (either rx layout, see :mod:`~pyvmm.vsock.packet`); chains are popped
+a few ahead (:data:`RX_FIRST_BATCH`, doubling within a turn), and those the
+muxer has nothing for right now stay with the device until it has.  tx keeps being
 processed while rx is full (§5.10.6.1): the muxer parks what it owes outside
 the queue.  event: :meth:`transport_reset` posts
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (``le32 id = 0``) and drops every
@@ -123,6 +128,7 @@ sockets; the rest is rescheduled.
 
 from __future__ import annotations
 
+import collections
 import logging
 import struct
 from typing import Callable, Sequence
@@ -132,14 +138,14 @@ from ..memory import GuestMemory
 from ..virtio.device import (VIRTIO_ID_VSOCK, VIRTIO_MMIO_INT_VRING, VirtioDevice, VirtioFeature,
                              feature_mask)
 from ..virtio.eventloop import EventLoop, TimerHandle
-from ..virtio.queue import GuestErrorLog, Queue
+from ..virtio.queue import DescriptorChain, GuestErrorLog, Queue
 from .backend import VsockBackend
 from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, HostStream
 from .muxer import MAX_CONNECTIONS, TX_BUFFER_BUDGET, VsockMuxer, new_metrics
 from .packet import (VIRTIO_VSOCK_HDR_LEN, RxBuffer, VirtioVsockEventId, VirtioVsockFeature,
                      VsockPacketError, parse_tx_chain)
 
-__all__ = ["BATCH", "EVENTQ", "QUEUE_SIZE", "RXQ", "TXQ", "VsockDevice"]
+__all__ = ["BATCH", "EVENTQ", "QUEUE_SIZE", "RXQ", "RX_FIRST_BATCH", "TXQ", "VsockDevice"]
 
 logger = logging.getLogger("pyvmm.vsock")
 
@@ -147,6 +153,8 @@ RXQ, TXQ, EVENTQ = 0, 1, 2
 QUEUE_SIZE = 256
 #: chains handled per queue per turn before other work gets the thread
 BATCH = 256
+#: rx chains popped by the first pop_batch of a turn (each next one pops twice as many)
+RX_FIRST_BATCH = 8
 _CONFIG = struct.Struct("<Q")           # struct virtio_vsock_config { le64 guest_cid; }
 _EVENT = struct.Struct("<I")            # struct virtio_vsock_event { le32 id; }
 _F_SEQPACKET = 1 << VirtioVsockFeature.VIRTIO_VSOCK_F_SEQPACKET
@@ -184,6 +192,7 @@ class VsockDevice(VirtioDevice):
         self._queues: list[Queue] | None = None
         self._interrupt: Callable[[int], None] | None = None
         self._held_rx: RxBuffer | None = None
+        self._rx_chains: collections.deque[DescriptorChain] = collections.deque()
         self._rx_scheduled = False
         self._more_scheduled: set[int] = set()
         self._events_owed = 0
@@ -275,6 +284,7 @@ class VsockDevice(VirtioDevice):
     def _forget_queues(self) -> None:
         self._memory = self._queues = self._interrupt = None
         self._held_rx = None
+        self._rx_chains.clear()
 
     def _do_transport_reset(self) -> None:
         self.metrics["transport_resets"] += 1
@@ -301,14 +311,20 @@ class VsockDevice(VirtioDevice):
             self.loop.call_soon(self._process, index)
 
     def _process_tx(self) -> None:
+        """Pop tx chains a batch at a time (:meth:`Queue.pop_batch`), hand each
+        packet to the muxer in ring order, and return the whole batch with
+        one ``used.idx`` store (:meth:`Queue.add_used_batch`, used.len 0)."""
         tx = self._queues[TXQ]
         budget = BATCH
         while True:
             tx.disable_notification()
-            while (chain := tx.pop()) is not None:
-                self._handle_tx_chain(chain)
-                tx.add_used(chain.head, 0)
-                budget -= 1
+            while chains := tx.pop_batch(budget):
+                try:
+                    for chain in chains:
+                        self._handle_tx_chain(chain)
+                finally:                 # even if the muxer raised: no chain stays in flight
+                    tx.add_used_batch([(chain.head, 0) for chain in chains])
+                budget -= len(chains)
                 if budget == 0:
                     self._again(TXQ)     # notifications stay off: we come back anyway
                     return
@@ -341,47 +357,76 @@ class VsockDevice(VirtioDevice):
             self._notify_guest()
 
     def _process_rx(self) -> None:
+        """Fill rx buffers while the muxer owes the guest packets.
+
+        Chains are popped a batch at a time into ``_rx_chains`` (the first
+        batch of a turn is :data:`RX_FIRST_BATCH`, each next one twice as
+        big, so a lone reply pops few and a bulk transfer pops many), and
+        every buffer filled or refused in this turn goes back with one
+        ``used.idx`` store.  Popped chains not needed yet stay with the
+        device (in flight, as the held buffer always did) for the next turn.
+        """
         rx = self._queues[RXQ]
+        used: list[tuple[int, int]] = []
+        try:
+            self._fill_rx(rx, used)
+        finally:
+            rx.add_used_batch(used)
+
+    def _fill_rx(self, rx: Queue, used: list[tuple[int, int]]) -> None:
         budget = BATCH
+        want = RX_FIRST_BATCH
+        stock = self._rx_chains
         while self.muxer.has_pending_rx():
             buf, self._held_rx = self._held_rx, None
             if buf is None:
-                chain = rx.pop()
-                if chain is None:
-                    if rx.enable_notification():
-                        continue            # buffers arrived while we looked
-                    return                  # the guest will kick rx when it refills
+                if not stock:
+                    chains = rx.pop_batch(min(want, budget))
+                    if not chains:
+                        if rx.enable_notification():
+                            continue        # buffers arrived while we looked
+                        return              # the guest will kick rx when it refills
+                    want *= 2
+                    stock.extend(chains)
+                chain = stock.popleft()
                 buf = RxBuffer(chain)
                 if not buf.usable:
                     self.metrics["rx_bad_buffers"] += 1
                     self.errors.report("rx buffer shorter than the 44-byte header", repr(chain))
-                    rx.add_used(buf.head, 0)
+                    used.append((buf.head, 0))
                     continue
             hdr = self.muxer.fill_rx(buf)
             if hdr is None:
                 self._held_rx = buf         # nothing to say right now; keep the buffer
                 return
-            rx.add_used(buf.head, VIRTIO_VSOCK_HDR_LEN + hdr.len)
+            used.append((buf.head, VIRTIO_VSOCK_HDR_LEN + hdr.len))
             budget -= 1
             if budget == 0:
                 self._again(RXQ)
                 return
 
     def _process_event(self) -> None:
+        """Post the events owed, popping as many buffers as are owed at a time;
+        the buffers used go back with one ``used.idx`` store."""
         ev = self._queues[EVENTQ]
-        while self._events_owed:
-            chain = ev.pop()
-            if chain is None:
-                ev.enable_notification()    # posted when the guest adds a buffer
-                return
-            if chain.writable_len < _EVENT.size:
-                self.errors.report("event buffer shorter than 4 bytes", repr(chain))
-                ev.add_used(chain.head, 0)
-                continue
-            chain.write_writable(_EVENT.pack(VirtioVsockEventId.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
-            ev.add_used(chain.head, _EVENT.size)
-            self._events_owed -= 1
-            self.metrics["events_sent"] += 1
+        used: list[tuple[int, int]] = []
+        try:
+            while self._events_owed:
+                chains = ev.pop_batch(self._events_owed)
+                if not chains:
+                    ev.enable_notification()    # posted when the guest adds a buffer
+                    return
+                for chain in chains:
+                    if chain.writable_len < _EVENT.size:
+                        self.errors.report("event buffer shorter than 4 bytes", repr(chain))
+                        used.append((chain.head, 0))
+                        continue
+                    chain.write_writable(_EVENT.pack(VirtioVsockEventId.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+                    used.append((chain.head, _EVENT.size))
+                    self._events_owed -= 1
+                    self.metrics["events_sent"] += 1
+        finally:
+            ev.add_used_batch(used)
 
     def _notify_guest(self) -> None:
         if self._queues is None:
