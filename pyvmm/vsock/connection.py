@@ -153,6 +153,8 @@ CONN_REQUEST_TIMEOUT = 2.0
 CONN_SHUTDOWN_TIMEOUT = 2.0
 #: the largest host SEQPACKET record we deliver to the guest (= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)
 SEQPACKET_MAX_MSG = VIRTIO_VSOCK_MAX_PKT_BUF_SIZE
+#: the most buffers one ``sendmsg``/``recvmsg_into`` takes (Linux UIO_MAXIOV, IOV_MAX)
+IOV_MAX = 1024
 #: guest SEQPACKET messages waiting for a full host socket.  Credit bounds their
 #: bytes but not their number (empty messages cost no credit): beyond this, RST
 SEQPACKET_MAX_QUEUED = 256
@@ -428,6 +430,44 @@ class Connection:
         else:
             self._guest_violation("guest packet with an unknown op", hdr)
 
+    def on_guest_stream_run(self, run: list, now: float) -> None:
+        """Several STREAM RW packets of this connection in a row (the ``TxPacket`` objects of one
+        tx batch, in order): what :meth:`on_guest_packet` does for each, with one host
+        write (:meth:`_send_to_host` gathers every payload) and one credit decision.
+
+        Only an established connection the guest may still send on, with nothing
+        waiting for the host socket, takes this path; anything else goes packet by
+        packet, so every rule of the table above applies unchanged.  A packet beyond
+        the credit we advertised ends the run: what came before it is forwarded, then
+        the connection is reset, as packet by packet.
+        """
+        if (self.state not in (ConnState.ESTABLISHED, ConnState.PEER_CLOSED) or self.done
+                or self.peer_shutdown & SEND or self._preamble_armed or len(self._tx_buf)):
+            for pkt in run:
+                self.on_guest_packet(pkt.hdr, pkt.payload, now)
+            return
+        views: list[memoryview] = []
+        violation = None
+        for pkt in run:
+            hdr = pkt.hdr
+            if wrap32(self.rx_cnt - self.last_fwd_cnt_to_peer) + hdr.len > self.buf_alloc:
+                violation = hdr
+                break
+            self.rx_cnt = wrap32(self.rx_cnt + hdr.len)
+            self.peer_buf_alloc, self.peer_fwd_cnt = hdr.buf_alloc, hdr.fwd_cnt
+            views += pkt.payload
+        if self.credit_requested and self.peer_credit() > 0:
+            self.credit_requested = False
+        if views:
+            self._send_to_host(views)
+        if violation is not None:
+            if not self.done:
+                self.peer_buf_alloc, self.peer_fwd_cnt = violation.buf_alloc, violation.fwd_cnt
+                self.metrics["credit_violations"] += 1
+                self._guest_violation("guest exceeded the credit we advertised", violation)
+            return
+        self._maybe_credit_update()
+
     def _guest_rw(self, hdr: VsockHeader, payload: list[memoryview], now: float) -> None:
         if self.state is ConnState.LOCAL_CLOSED:
             self.metrics["tx_dropped_bytes"] += hdr.len   # sent before it saw our SHUTDOWN
@@ -448,21 +488,29 @@ class Connection:
         self._maybe_credit_update()
 
     def _send_to_host(self, payload: list[memoryview]) -> None:
-        """STREAM: write straight to the host socket; keep what does not fit."""
+        """STREAM: write straight to the host socket (at most :data:`IOV_MAX` views
+        per ``sendmsg``); keep what does not fit."""
         written = 0
+        total = sum(len(v) for v in payload)
         if not len(self._tx_buf) and not self._preamble_armed:
             try:
-                written = self.stream.send_views(payload)
+                for start in range(0, len(payload), IOV_MAX):
+                    part = payload[start:start + IOV_MAX]
+                    n = self.stream.send_views(part)
+                    written += n
+                    if n < sum(len(v) for v in part):
+                        break
             except BlockingIOError:
-                written = 0
+                pass
             except OSError as e:
+                self._forwarded(written)
                 self._host_failed("host socket write failed", e)
                 return
             self._forwarded(written)
-        if written < sum(len(v) for v in payload):
+        if written < total:
             rest = [bytes(v) for v in _skip(payload, written)]   # the one copy: guest RAM is reused
             self._tx_buf.extend([memoryview(b) for b in rest])
-            self.metrics["tx_buffered_bytes"] += sum(len(b) for b in rest)
+            self.metrics["tx_buffered_bytes"] += total - written
 
     def _guest_message_part(self, hdr: VsockHeader, payload: list[memoryview], now: float) -> None:
         """SEQPACKET: gather until VIRTIO_VSOCK_SEQ_EOM, then one host record."""

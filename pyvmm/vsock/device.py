@@ -311,17 +311,18 @@ class VsockDevice(VirtioDevice):
             self.loop.call_soon(self._process, index)
 
     def _process_tx(self) -> None:
-        """Pop tx chains a batch at a time (:meth:`Queue.pop_batch`), hand each
-        packet to the muxer in ring order, and return the whole batch with
-        one ``used.idx`` store (:meth:`Queue.add_used_batch`, used.len 0)."""
+        """Pop tx chains a batch at a time (:meth:`Queue.pop_batch`), hand the
+        batch's packets to the muxer in ring order (:meth:`VsockMuxer.on_guest_packets`
+        groups a connection's consecutive data into one host write), and return the
+        whole batch with one ``used.idx`` store (:meth:`Queue.add_used_batch`,
+        used.len 0).  The payloads are views of guest RAM until then."""
         tx = self._queues[TXQ]
         budget = BATCH
         while True:
             tx.disable_notification()
             while chains := tx.pop_batch(budget):
                 try:
-                    for chain in chains:
-                        self._handle_tx_chain(chain)
+                    self._handle_tx_batch(chains)
                 finally:                 # even if the muxer raised: no chain stays in flight
                     tx.add_used_batch([(chain.head, 0) for chain in chains])
                 budget -= len(chains)
@@ -331,18 +332,25 @@ class VsockDevice(VirtioDevice):
             if not tx.enable_notification():
                 return
 
-    def _handle_tx_chain(self, chain) -> None:
-        if chain.writable:
-            self.errors.report("tx chain with device-writable descriptors (ignored)", repr(chain))
-        try:
-            pkt = parse_tx_chain(chain)
-        except VsockPacketError as e:
-            self.metrics["tx_bad_chains"] += 1
-            self.errors.report(e.reason, e.hdr.describe() if e.hdr else repr(chain))
-            if e.hdr is not None:
-                self.muxer.on_bad_guest_packet(e.hdr)
-            return
-        self.muxer.on_guest_packet(pkt)
+    def _handle_tx_batch(self, chains) -> None:
+        """Parse each chain; runs of good packets go to the muxer together, a bad
+        chain is reported in its place in the order."""
+        good = []
+        for chain in chains:
+            if chain.writable:
+                self.errors.report("tx chain with device-writable descriptors (ignored)", repr(chain))
+            try:
+                good.append(parse_tx_chain(chain))
+            except VsockPacketError as e:
+                if good:
+                    self.muxer.on_guest_packets(good)
+                    good = []
+                self.metrics["tx_bad_chains"] += 1
+                self.errors.report(e.reason, e.hdr.describe() if e.hdr else repr(chain))
+                if e.hdr is not None:
+                    self.muxer.on_bad_guest_packet(e.hdr)
+        if good:
+            self.muxer.on_guest_packets(good)
 
     def _schedule_rx(self) -> None:
         """The muxer has a packet for the guest (called on the I/O thread)."""

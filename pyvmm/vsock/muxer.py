@@ -44,7 +44,8 @@ from typing import Callable, Protocol
 from ..virtio.eventloop import EventLoop, TimerHandle
 from ..virtio.queue import GuestErrorLog
 from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, Connection, HostStream
-from .packet import OP_REQUEST, OP_RST, SEQPACKET, STREAM, VMADDR_CID_HOST, RxBuffer, TxPacket, VsockHeader
+from .packet import (OP_REQUEST, OP_RST, OP_RW, SEQPACKET, STREAM, VMADDR_CID_HOST, RxBuffer, TxPacket,
+                     VsockHeader)
 
 __all__ = [
     "HOST_PORT_FIRST",
@@ -140,6 +141,38 @@ class VsockMuxer:
         self._host_ports: collections.Counter[int] = collections.Counter()
 
     # -- guest -> host ------------------------------------------------------------
+    def on_guest_packets(self, pkts: list[TxPacket]) -> None:
+        """Route a tx batch's well-formed packets, in order.
+
+        A run of consecutive STREAM RW packets with the same addresses goes to its
+        connection as one :meth:`Connection.on_guest_stream_run` (one host write, one
+        credit decision, one :meth:`_sync`); everything else, packet by packet, to
+        :meth:`on_guest_packet`.  Only a connection's own packets must stay in order,
+        and a run keeps them in order, so the result is what routing each packet
+        alone gives, with fewer system calls.
+        """
+        i, n = 0, len(pkts)
+        while i < n:
+            hdr = pkts[i].hdr
+            j = i + 1
+            if hdr.op == OP_RW and hdr.type == STREAM:
+                addr = (hdr.src_cid, hdr.src_port, hdr.dst_cid, hdr.dst_port)
+                while j < n:
+                    h = pkts[j].hdr
+                    if h.op != OP_RW or h.type != STREAM or (h.src_cid, h.src_port, h.dst_cid, h.dst_port) != addr:
+                        break
+                    j += 1
+            conn = self.connections.get((hdr.dst_port, hdr.src_port)) if j - i > 1 else None
+            if (conn is None or conn.vtype != STREAM or hdr.src_cid != self.guest_cid
+                    or hdr.dst_cid != VMADDR_CID_HOST):
+                for k in range(i, j):       # one packet, or a run the per-packet rules must see
+                    self.on_guest_packet(pkts[k])
+            else:
+                self.metrics["tx_packets"] += j - i
+                conn.on_guest_stream_run(pkts[i:j], self.loop.time())
+                self._sync(conn)
+            i = j
+
     def on_guest_packet(self, pkt: TxPacket) -> None:
         """Route one well-formed guest packet (from the tx virtqueue)."""
         hdr = pkt.hdr

@@ -59,9 +59,9 @@ def test_tx_batch_is_seen_whole_then_returned_once(guest, uds, stores):
     lst, conn = connect(guest, uds)
     guest.tx_done()
     seen = []
-    real = guest.dev.muxer.on_guest_packet
-    guest.dev.muxer.on_guest_packet = lambda pkt: (seen.append(int(guest.txq.used_idx_view[0])),
-                                                   real(pkt))
+    real = guest.dev.muxer.on_guest_packets
+    guest.dev.muxer.on_guest_packets = lambda pkts: (
+        seen.extend([int(guest.txq.used_idx_view[0])] * len(pkts)), real(pkts))
     before = int(guest.txq.used_idx_view[0])
     stores.clear()
     for i in range(10):
@@ -208,3 +208,50 @@ def test_event_short_buffers_in_a_batch_returned_once(uds):
         assert c["events_sent"] == 9
     finally:
         g.close()
+
+
+def test_a_run_of_data_for_one_connection_is_one_host_write(guest, uds):
+    """Consecutive RW packets of one STREAM connection in a tx batch leave in one
+    sendmsg; a packet of another kind in between splits the run, order kept."""
+    lst, conn = connect(guest, uds)
+    stream = guest.dev.muxer.connections[(1234, 5000)].stream
+    writes = []
+    real = stream.send_views
+    stream.send_views = lambda views: (writes.append(len(views)), real(views))[1]
+    for i in range(8):
+        guest.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, bytes([65 + i]) * 512, kick=False)
+    guest.send(Op.VIRTIO_VSOCK_OP_CREDIT_UPDATE, 5000, 1234, kick=False)
+    for i in range(8, 12):
+        guest.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, bytes([65 + i]) * 512, kick=False)
+    guest.txq.kick(force=True)
+    guest.pump()
+    assert writes == [8, 4]
+    got = b""
+    while len(got) < 12 * 512:
+        got += conn.recv(8192)
+    assert got == b"".join(bytes([65 + i]) * 512 for i in range(12))
+    c = guest.dev.counters()
+    assert c["tx_packets"] == 1 + 13 and c["tx_bytes"] == 12 * 512   # REQUEST + this batch
+
+
+def test_a_run_beyond_the_credit_forwards_what_fits_then_resets(uds):
+    """The credit rule inside a run: the packets within the advertised window reach
+    the host, the one beyond it resets the connection, as packet by packet."""
+    from pyvmm.vsock.connection import CONN_TX_BUF_SIZE_MIN
+    g = Guest(uds, conn_buf_size=CONN_TX_BUF_SIZE_MIN)
+    try:
+        lst, conn = connect(g, uds)
+        for _ in range(CONN_TX_BUF_SIZE_MIN // 4096):
+            g.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, b"q" * 4096, kick=False)
+        g.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, b"!", kick=False)
+        g.send(Op.VIRTIO_VSOCK_OP_RW, 5000, 1234, b"?")
+        pkts = g.take()
+        c = g.dev.counters()
+    finally:
+        g.close()
+    assert [h.op for h, _ in pkts] == [Op.VIRTIO_VSOCK_OP_RST]
+    assert c["credit_violations"] == 1 and c["connections"] == 0
+    got = b""
+    while chunk := conn.recv(65536):
+        got += chunk
+    assert got == b"q" * CONN_TX_BUF_SIZE_MIN
