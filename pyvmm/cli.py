@@ -47,9 +47,12 @@ def positive_float(text: str) -> float:
 
 
 def parse_vsock(text: str):
-    """'CID[,uds=PATH]' (also 'cid=CID,socket=PATH', cloud-hypervisor's spelling)."""
+    """'CID[,uds=PATH][,buf=SIZE]' (also 'cid=CID,socket=PATH', cloud-hypervisor's spelling).
+
+    ``buf`` is the window each connection advertises (its buf_alloc; a size as for
+    ``--mem`` but in KiB by default, e.g. 256K or 1M); the device checks its range."""
     from .machine import VsockConfig
-    cid, uds = None, None
+    cid, uds, buf = None, None, None
     for i, item in enumerate(text.split(",")):
         key, eq, value = item.partition("=")
         if not eq and i == 0:
@@ -58,11 +61,14 @@ def parse_vsock(text: str):
             cid = int(value)
         elif key in ("uds", "socket") and value:
             uds = value
+        elif key == "buf" and value:
+            buf = parse_size(value if not value.isdigit() else value + "K")
         else:
-            raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: expected CID[,uds=PATH]")
+            raise argparse.ArgumentTypeError(
+                f"invalid --vsock {text!r}: expected CID[,uds=PATH][,buf=SIZE]")
     if cid is None:
         raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: no CID")
-    return VsockConfig(cid, uds)
+    return VsockConfig(cid, uds) if buf is None else VsockConfig(cid, uds, conn_buf_size=buf)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--timeout", type=positive_float, help="stop the guest after S seconds")
     run.add_argument("--serial", default="stdio", help="'stdio' or a file for the console output")
-    run.add_argument("--vsock", type=parse_vsock, metavar="CID[,uds=PATH]",
+    run.add_argument("--vsock", type=parse_vsock, metavar="CID[,uds=PATH][,buf=SIZE]",
                      help="a virtio-vsock device with guest CID; host programs reach guest "
                      "port P by writing 'CONNECT P\\n' to the Unix socket PATH, and a guest "
-                     "connect to CID 2 port P goes to PATH_P (Firecracker's protocol)")
+                     "connect to CID 2 port P goes to PATH_P (Firecracker's protocol); buf: "
+                     "each connection's window, 64K to 64M (default 256K)")
     run.add_argument("--vcpu-affinity", metavar="CPUS", help="host CPUs for the vCPU threads, "
                      "a list like 0, 1-3 or 0,2 (default: not pinned)")
     run.add_argument("--io-affinity", metavar="CPUS", help="host CPUs for the device threads "

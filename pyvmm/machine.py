@@ -101,6 +101,9 @@ class MachineConfig:
 class VsockConfig:
     guest_cid: int
     uds_path: str | None = None       # host end: CONNECT <port> here; guest connects go to uds_path_<port>
+    #: the window (buf_alloc) each connection advertises, 64 KiB .. 64 MiB (None: the
+    #: device's default, pyvmm.vsock.connection.CONN_TX_BUF_SIZE, 256 KiB)
+    conn_buf_size: int | None = None
 
 
 @dataclass
@@ -257,7 +260,8 @@ class Machine:
             from .vsock import VsockDevice, default_backends
             # the Python API, then the Unix socket; the latter binds in attach_loop below
             self.vsock_api, backends = default_backends(cfg.vsock.uds_path)
-            self.vsock_device = VsockDevice(cfg.vsock.guest_cid, backends)
+            window = {} if cfg.vsock.conn_buf_size is None else {"conn_buf_size": cfg.vsock.conn_buf_size}
+            self.vsock_device = VsockDevice(cfg.vsock.guest_cid, backends, **window)
             devices.insert(0, self.vsock_device)
         self.virtio_slots = []
         for device in devices:

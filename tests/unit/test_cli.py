@@ -4,6 +4,7 @@ Most cases fail before /dev/kvm is opened, so they run anywhere; the ones
 that need KVM's own limits are marked ``kvm``.
 """
 
+import argparse
 import errno
 import subprocess
 import sys
@@ -124,3 +125,17 @@ def test_vsock_uds_path_in_use(elf, tmp_path):
         probe.close()
     finally:
         other.close()
+
+
+def test_vsock_window_option():
+    assert cli.parse_vsock("3,uds=/tmp/v.sock,buf=1M").conn_buf_size == 1 << 20
+    assert cli.parse_vsock("3,buf=128").conn_buf_size == 128 << 10       # KiB by default
+    assert cli.parse_vsock("3").conn_buf_size is None                   # the device's default
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.parse_vsock("3,buf=lots")
+
+
+@pytest.mark.kvm
+def test_vsock_window_out_of_range(elf):
+    assert_one_line_error(pyvmm("run", "--kernel", elf, "--vsock", "3,buf=4K"),
+                          "vsock connection window")
