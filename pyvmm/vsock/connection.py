@@ -59,6 +59,14 @@ numbers move.
 sticky.  Whoever has seen both directions finished sends RST; an endpoint
 that asked to close and gets no RST sends one itself after a timeout.
 
+*Host -> guest STREAM data* (§5.10.6.4) goes out in runs
+(:meth:`Connection.fill_rx_burst`): one ``recvmsg_into`` scatters host
+bytes straight into the payload areas of several rx buffers, as many as the
+guest's window allows (the last one trimmed to it) and at most
+:data:`RX_IOV_MAX` views, then each buffer gets its RW header (``len`` = the
+bytes that landed in it).  Control packets and SEQPACKET records go one
+packet per buffer, in the order :meth:`Connection._next_packet` defines.
+
 *SEQPACKET* (§5.10.6.6, VIRTIO_VSOCK_F_SEQPACKET).  Message boundaries ride
 in RW flags: VIRTIO_VSOCK_SEQ_EOM on the last packet of a message,
 VIRTIO_VSOCK_SEQ_EOR as well if the sender used MSG_EOR.  Guest -> host: the

@@ -116,8 +116,14 @@ chain is parsed (header copied once, payload zero-copy, any number of
 descriptors), routed, and returned with used.len 0; malformed chains are
 counted, logged once per reason, and returned.  rx: each chain gets one
 packet (either rx layout, see :mod:`~pyvmm.vsock.packet`); chains are popped
-a few ahead (:data:`RX_FIRST_BATCH`, doubling within a turn), and those the
-muxer has nothing for right now stay with the device until it has.  tx keeps being
+a few ahead (:data:`RX_FIRST_BATCH`, doubling within a turn) into a stock,
+the muxer fills a run of them for one connection at a time (one host read
+for a run of STREAM data, at most
+:data:`~pyvmm.vsock.muxer.RX_TURN_BUFFERS`), and those the muxer has nothing
+for right now stay with the device until it has (a header-only buffer is
+held aside for a control packet, so it does not block the ones behind it:
+VIRTIO_F_IN_ORDER is not offered, so buffers may be used out of the order
+they were made available, virtio 1.2 §2.7.9).  tx keeps being
 processed while rx is full (§5.10.6.1): the muxer parks what it owes outside
 the queue.  event: :meth:`transport_reset` posts
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (``le32 id = 0``) and drops every

@@ -20,9 +20,14 @@ connection's business (compare Firecracker ``unix/muxer.rs``):
   waiting for rx buffers (more are dropped and counted); the windows it
   gives connections add up to at most :data:`TX_BUFFER_BUDGET` plus the
   minimal window for each (the guest bytes slow host peers can make us hold);
-* the rx side: which connection fills the next guest rx buffer (connections
-  that owe a packet take turns), and the I/O plumbing of each connection's
-  host socket (reader/writer interest, its expiry timer) on the event loop.
+* the rx side: which connection fills the next guest rx buffers
+  (connections that owe a packet take turns; a turn is one packet, or a run
+  of at most :data:`RX_TURN_BUFFERS` STREAM data buffers read with one host
+  read), and the I/O plumbing of each connection's host socket
+  (reader/writer interest, its expiry timer) on the event loop: read
+  interest is a flag, and the reader is unregistered only when the socket
+  is readable while unwanted (see :meth:`VsockMuxer._sync`), so a burst
+  costs no ``epoll_ctl``.
 
 Flow control (§5.10.6.1: "The tx virtqueue MUST be processed even when the rx
 virtqueue is full so long as there are additional resources available"): nothing a guest packet causes needs an rx buffer at
@@ -140,7 +145,7 @@ class VsockMuxer:
         self._rxq: collections.deque[tuple[int, int]] = collections.deque()
         self._in_rxq: set[tuple[int, int]] = set()
         self._filling = False               # inside fill_rx_burst (see there)
-        # per connection: (reading, writing, timer) as registered with the loop
+        # per connection: [read interest, writing, timer, reader registered, reader callback]
         self._io: dict[tuple[int, int], list] = {}
         self._next_host_port = HOST_PORT_FIRST
         self._host_ports: collections.Counter[int] = collections.Counter()
@@ -287,7 +292,7 @@ class VsockMuxer:
         self.connections[conn.key] = conn
         self.advertised += conn.buf_alloc
         key = conn.key
-        # [read interest, writing, timer, reader registered, the reader callback]: see _sync
+        # read interest and registration differ: see _sync
         self._io[key] = [False, False, None, False, lambda: self._on_readable(key)]
         self.metrics["conns_added"] += 1
         self._sync(conn)
