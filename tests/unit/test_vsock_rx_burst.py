@@ -19,7 +19,7 @@ from pyvmm.vsock.muxer import RX_TURN_BUFFERS
 from pyvmm.vsock.packet import RxBuffer, VirtioVsockSeqFlag, VirtioVsockShutdown, VsockHeader
 from test_vsock_connection import G, established, kw, rx
 from test_vsock_device import host_connect
-from vsock_guest import SEQPACKET, FakeChain, FakeStream, Guest, Op, ops
+from vsock_guest import SEQPACKET, FakeChain, FakeStream, Guest, Op
 
 EOM = VirtioVsockSeqFlag.VIRTIO_VSOCK_SEQ_EOM
 EOR = VirtioVsockSeqFlag.VIRTIO_VSOCK_SEQ_EOR
@@ -298,5 +298,23 @@ def test_steady_rx_costs_no_epoll_ctl_and_a_stall_unregisters_once(uds):
         g.pump()
         assert len(g.recv()) == 64 and g.loop.watched(fd) == (True, False)
         assert sum(counts.values()) == 2                # registered again: one more
+    finally:
+        g.close()
+
+
+def test_host_half_close_after_a_partial_burst(uds):
+    g = Guest(uds, rx_buffers=16)
+    try:
+        s, hp = host_connect(g, uds, 52)
+        g.recv()
+        data = pattern(5000)
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        pkts = g.take()
+        assert [(h.op, h.len, h.flags) for h, _ in pkts] == [
+            (Op.VIRTIO_VSOCK_OP_RW, 4096, 0), (Op.VIRTIO_VSOCK_OP_RW, 904, 0),
+            (Op.VIRTIO_VSOCK_OP_SHUTDOWN, 0, SEND)]
+        assert b"".join(p for _, p in pkts) == data
+        assert g.loop.run_once(0) == 0                  # end-of-file seen: no spin on the fd
     finally:
         g.close()
