@@ -59,6 +59,14 @@ numbers move.
 sticky.  Whoever has seen both directions finished sends RST; an endpoint
 that asked to close and gets no RST sends one itself after a timeout.
 
+*Host -> guest STREAM data* (§5.10.6.4) goes out in runs
+(:meth:`Connection.fill_rx_burst`): one ``recvmsg_into`` scatters host
+bytes straight into the payload areas of several rx buffers, as many as the
+guest's window allows (the last one trimmed to it) and at most
+:data:`RX_IOV_MAX` views, then each buffer gets its RW header (``len`` = the
+bytes that landed in it).  Control packets and SEQPACKET records go one
+packet per buffer, in the order :meth:`Connection._next_packet` defines.
+
 *SEQPACKET* (§5.10.6.6, VIRTIO_VSOCK_F_SEQPACKET).  Message boundaries ride
 in RW flags: VIRTIO_VSOCK_SEQ_EOM on the last packet of a message,
 VIRTIO_VSOCK_SEQ_EOR as well if the sender used MSG_EOR.  Guest -> host: the
@@ -114,7 +122,7 @@ from __future__ import annotations
 
 import collections
 from enum import Enum, IntFlag
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 from ..virtio.queue import GuestErrorLog
 from .packet import (BOTH, EOM, EOR, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
@@ -131,6 +139,7 @@ __all__ = [
     "ConnState",
     "HostStream",
     "PendingRx",
+    "RX_IOV_MAX",
     "SEQPACKET_MAX_MSG",
     "SEQPACKET_MAX_QUEUED",
 ]
@@ -158,6 +167,9 @@ IOV_MAX = 1024
 #: guest SEQPACKET messages waiting for a full host socket.  Credit bounds their
 #: bytes but not their number (empty messages cost no credit): beyond this, RST
 SEQPACKET_MAX_QUEUED = 256
+#: the most payload views one host read scatters into (Linux ``UIO_MAXIOV``/IOV_MAX = 1024:
+#: recvmsg fails with EMSGSIZE beyond it); an rx burst stops adding buffers before it
+RX_IOV_MAX = 1024
 
 
 class ConnState(Enum):
@@ -635,14 +647,93 @@ class Connection:
         """Write the next packet owed to the guest into ``rx``; its header, or None."""
         hdr = self._next_packet(rx, now)
         if hdr is not None:
-            self.last_fwd_cnt_to_peer = self.fwd_cnt       # every packet carries our credit
-            self.pending &= ~P_CREDIT_UPDATE
-            self.metrics["rx_packets"] += 1
-            rx.write_header(hdr)
-            if hdr.op == OP_RST:
-                self.metrics["rst_sent"] += 1
-                self._finish(connected=False)
+            self._emit(rx, hdr)                            # every packet carries our credit
         return hdr
+
+    def fill_rx_burst(self, bufs: Sequence[RxBuffer], now: float) -> list[VsockHeader]:
+        """Fill ``bufs`` from the front on; the headers of the buffers filled (a prefix).
+
+        The burst path (STREAM, RW owed and nothing that :meth:`_next_packet`
+        puts before RW, the guest's window open, ``bufs[0]`` with payload
+        room): ONE ``recv_into_views`` over the payload views of as many
+        buffers as the guest's window (:meth:`peer_credit`) allows, the last
+        view trimmed to the window, at most :data:`RX_IOV_MAX` views; then one
+        RW header per buffer that got bytes (in order, the last one possibly
+        partial).  A buffer without payload room (header-only) ends the run.
+        Everything else -- control packets, SEQPACKET records, end-of-file,
+        errors, a shut window (CREDIT_REQUEST), a drained host socket (then
+        the credit packets) -- is one packet in ``bufs[0]`` through
+        :meth:`fill_rx`, exactly as for a single buffer.
+        """
+        pending = self.pending
+        if ((pending & (P_RST | P_RESPONSE | P_REQUEST | P_SHUTDOWN | P_RW)) != P_RW or self.seqpacket
+                or not bufs or bufs[0].capacity == 0 or self._host_eof or not self._guest_may_receive()):
+            hdr = self.fill_rx(bufs[0], now) if bufs else None
+            return [] if hdr is None else [hdr]
+        credit = self.peer_credit()
+        if credit == 0:
+            hdr = self.fill_rx(bufs[0], now)              # CREDIT_REQUEST, once
+            return [] if hdr is None else [hdr]
+        views: list[memoryview] = []
+        sizes: list[int] = []
+        room = credit
+        for buf in bufs:
+            cap = buf.capacity
+            if cap == 0:
+                break                                     # header-only: not for data
+            take = cap if cap < room else room
+            part = buf.payload_views(take)
+            if sizes and len(views) + len(part) > RX_IOV_MAX:
+                break
+            views += part
+            sizes.append(take)
+            room -= take
+            if room == 0:
+                break                                     # the guest's window is full
+        try:
+            n = self.stream.recv_into_views(views)
+        except BlockingIOError:
+            self.pending &= ~P_RW                         # drained: poll again
+            hdr = self.fill_rx(bufs[0], now)              # the credit packets, if owed
+            return [] if hdr is None else [hdr]
+        except OSError as e:
+            self._host_failed("host socket read failed", e)
+            self.pending = 0
+            hdr = self._header(OP_RST)
+            self._emit(bufs[0], hdr)
+            return [hdr]
+        if n == 0:
+            hdr = self._host_closed(now)
+            self._emit(bufs[0], hdr)
+            return [hdr]
+        hdrs = []
+        left = n
+        fwd_cnt = self.fwd_cnt
+        for buf, size in zip(bufs, sizes):
+            got = size if size < left else left
+            hdr = VsockHeader(self.local_cid, self.peer_cid, self.local_port, self.peer_port,
+                              got, self.vtype, OP_RW, 0, self.buf_alloc, fwd_cnt)
+            buf.write_header(hdr)
+            hdrs.append(hdr)
+            left -= got
+            if left == 0:
+                break
+        self.tx_cnt = wrap32(self.tx_cnt + n)
+        self.last_fwd_cnt_to_peer = fwd_cnt               # every packet carries our credit
+        self.pending &= ~P_CREDIT_UPDATE
+        self.metrics["rx_bytes"] += n
+        self.metrics["rx_packets"] += len(hdrs)
+        return hdrs
+
+    def _emit(self, rx: RxBuffer, hdr: VsockHeader) -> None:
+        """What :meth:`fill_rx` does with a header it got from :meth:`_next_packet`."""
+        self.last_fwd_cnt_to_peer = self.fwd_cnt
+        self.pending &= ~P_CREDIT_UPDATE
+        self.metrics["rx_packets"] += 1
+        rx.write_header(hdr)
+        if hdr.op == OP_RST:
+            self.metrics["rst_sent"] += 1
+            self._finish(connected=False)
 
     def _next_packet(self, rx: RxBuffer, now: float) -> VsockHeader | None:
         pending = self.pending

@@ -116,8 +116,14 @@ chain is parsed (header copied once, payload zero-copy, any number of
 descriptors), routed, and returned with used.len 0; malformed chains are
 counted, logged once per reason, and returned.  rx: each chain gets one
 packet (either rx layout, see :mod:`~pyvmm.vsock.packet`); chains are popped
-a few ahead (:data:`RX_FIRST_BATCH`, doubling within a turn), and those the
-muxer has nothing for right now stay with the device until it has.  tx keeps being
+a few ahead (:data:`RX_FIRST_BATCH`, doubling within a turn) into a stock,
+the muxer fills a run of them for one connection at a time (one host read
+for a run of STREAM data, at most
+:data:`~pyvmm.vsock.muxer.RX_TURN_BUFFERS`), and those the muxer has nothing
+for right now stay with the device until it has (a header-only buffer is
+held aside for a control packet, so it does not block the ones behind it:
+VIRTIO_F_IN_ORDER is not offered, so buffers may be used out of the order
+they were made available, virtio 1.2 §2.7.9).  tx keeps being
 processed while rx is full (§5.10.6.1): the muxer parks what it owes outside
 the queue.  event: :meth:`transport_reset` posts
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (``le32 id = 0``) and drops every
@@ -129,6 +135,7 @@ sockets; the rest is rescheduled.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import struct
 from typing import Callable, Sequence
@@ -138,10 +145,10 @@ from ..memory import GuestMemory
 from ..virtio.device import (VIRTIO_ID_VSOCK, VIRTIO_MMIO_INT_VRING, VirtioDevice, VirtioFeature,
                              feature_mask)
 from ..virtio.eventloop import EventLoop, TimerHandle
-from ..virtio.queue import DescriptorChain, GuestErrorLog, Queue
+from ..virtio.queue import GuestErrorLog, Queue
 from .backend import VsockBackend
 from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, HostStream
-from .muxer import MAX_CONNECTIONS, TX_BUFFER_BUDGET, VsockMuxer, new_metrics
+from .muxer import MAX_CONNECTIONS, RX_TURN_BUFFERS, TX_BUFFER_BUDGET, VsockMuxer, new_metrics
 from .packet import (VIRTIO_VSOCK_HDR_LEN, RxBuffer, VirtioVsockEventId, VirtioVsockFeature,
                      VsockPacketError, parse_tx_chain)
 
@@ -191,8 +198,8 @@ class VsockDevice(VirtioDevice):
         self._memory: GuestMemory | None = None
         self._queues: list[Queue] | None = None
         self._interrupt: Callable[[int], None] | None = None
-        self._held_rx: RxBuffer | None = None
-        self._rx_chains: collections.deque[DescriptorChain] = collections.deque()
+        self._rx_stock: collections.deque[RxBuffer] = collections.deque()    # popped ahead
+        self._rx_held: collections.deque[RxBuffer] = collections.deque()     # header-only, aside
         self._rx_scheduled = False
         self._more_scheduled: set[int] = set()
         self._events_owed = 0
@@ -283,8 +290,8 @@ class VsockDevice(VirtioDevice):
 
     def _forget_queues(self) -> None:
         self._memory = self._queues = self._interrupt = None
-        self._held_rx = None
-        self._rx_chains.clear()
+        self._rx_stock.clear()
+        self._rx_held.clear()
 
     def _do_transport_reset(self) -> None:
         self.metrics["transport_resets"] += 1
@@ -367,12 +374,19 @@ class VsockDevice(VirtioDevice):
     def _process_rx(self) -> None:
         """Fill rx buffers while the muxer owes the guest packets.
 
-        Chains are popped a batch at a time into ``_rx_chains`` (the first
-        batch of a turn is :data:`RX_FIRST_BATCH`, each next one twice as
-        big, so a lone reply pops few and a bulk transfer pops many), and
+        Chains are popped a batch at a time into the stock ``_rx_stock`` (the
+        first batch of a turn is :data:`RX_FIRST_BATCH`, each next one twice
+        as big, so a lone reply pops few and a bulk transfer pops many), and
         every buffer filled or refused in this turn goes back with one
-        ``used.idx`` store.  Popped chains not needed yet stay with the
-        device (in flight, as the held buffer always did) for the next turn.
+        ``used.idx`` store.  The muxer is offered the front of the stock (at
+        most :data:`~pyvmm.vsock.muxer.RX_TURN_BUFFERS`) and fills a prefix
+        of it, for one connection with one host read
+        (:meth:`~pyvmm.vsock.muxer.VsockMuxer.fill_rx_burst`); the rest stays
+        in the stock, in order.  Popped chains not needed yet stay with the
+        device (in flight) for the next turn.  A header-only buffer (44
+        bytes, no payload room) nobody has a control packet for is held
+        aside (``_rx_held``, in flight) and offered first in later turns,
+        so it neither stalls the buffers behind it nor makes the device spin.
         """
         rx = self._queues[RXQ]
         used: list[tuple[int, int]] = []
@@ -384,34 +398,44 @@ class VsockDevice(VirtioDevice):
     def _fill_rx(self, rx: Queue, used: list[tuple[int, int]]) -> None:
         budget = BATCH
         want = RX_FIRST_BATCH
-        stock = self._rx_chains
-        while self.muxer.has_pending_rx():
-            buf, self._held_rx = self._held_rx, None
-            if buf is None:
-                if not stock:
-                    chains = rx.pop_batch(min(want, budget))
-                    if not chains:
-                        if rx.enable_notification():
-                            continue        # buffers arrived while we looked
-                        return              # the guest will kick rx when it refills
-                    want *= 2
-                    stock.extend(chains)
-                chain = stock.popleft()
-                buf = RxBuffer(chain)
-                if not buf.usable:
-                    self.metrics["rx_bad_buffers"] += 1
-                    self.errors.report("rx buffer shorter than the 44-byte header", repr(chain))
-                    used.append((buf.head, 0))
-                    continue
-            hdr = self.muxer.fill_rx(buf)
-            if hdr is None:
-                self._held_rx = buf         # nothing to say right now; keep the buffer
-                return
-            used.append((buf.head, VIRTIO_VSOCK_HDR_LEN + hdr.len))
+        stock = self._rx_stock
+        held = self._rx_held
+        muxer = self.muxer
+        while held and muxer.has_pending_rx():        # control packets fit header-only buffers
+            hdrs = muxer.fill_rx_burst([held[0]])
+            if not hdrs:
+                break
+            buf = held.popleft()
+            used.append((buf.head, VIRTIO_VSOCK_HDR_LEN + hdrs[0].len))
             budget -= 1
-            if budget == 0:
-                self._again(RXQ)
-                return
+        while budget > 0 and muxer.has_pending_rx():
+            if not stock:
+                chains = rx.pop_batch(min(want, budget))
+                if not chains:
+                    if rx.enable_notification():
+                        continue        # buffers arrived while we looked
+                    return              # the guest will kick rx when it refills
+                want *= 2
+                stock.extend(RxBuffer(chain) for chain in chains)
+            buf = stock[0]
+            if not buf.usable:
+                stock.popleft()
+                self.metrics["rx_bad_buffers"] += 1
+                self.errors.report("rx buffer shorter than the 44-byte header", repr(buf.chain))
+                used.append((buf.head, 0))
+                continue
+            offer = min(budget, RX_TURN_BUFFERS, len(stock))
+            hdrs = muxer.fill_rx_burst([buf] if offer == 1 else list(itertools.islice(stock, offer)))
+            if not hdrs:
+                if buf.capacity == 0:
+                    held.append(stock.popleft())   # no control packet for it now: aside
+                    continue
+                return                  # nothing to say right now; the stock waits
+            for hdr in hdrs:
+                used.append((stock.popleft().head, VIRTIO_VSOCK_HDR_LEN + hdr.len))
+            budget -= len(hdrs)
+        if budget <= 0:
+            self._again(RXQ)
 
     def _process_event(self) -> None:
         """Post the events owed, popping as many buffers as are owed at a time;

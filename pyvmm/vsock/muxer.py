@@ -20,9 +20,14 @@ connection's business (compare Firecracker ``unix/muxer.rs``):
   waiting for rx buffers (more are dropped and counted); the windows it
   gives connections add up to at most :data:`TX_BUFFER_BUDGET` plus the
   minimal window for each (the guest bytes slow host peers can make us hold);
-* the rx side: which connection fills the next guest rx buffer (connections
-  that owe a packet take turns), and the I/O plumbing of each connection's
-  host socket (reader/writer interest, its expiry timer) on the event loop.
+* the rx side: which connection fills the next guest rx buffers
+  (connections that owe a packet take turns; a turn is one packet, or a run
+  of at most :data:`RX_TURN_BUFFERS` STREAM data buffers read with one host
+  read), and the I/O plumbing of each connection's host socket
+  (reader/writer interest, its expiry timer) on the event loop: read
+  interest is a flag, and the reader is unregistered only when the socket
+  is readable while unwanted (see :meth:`VsockMuxer._sync`), so a burst
+  costs no ``epoll_ctl``.
 
 Flow control (§5.10.6.1: "The tx virtqueue MUST be processed even when the rx
 virtqueue is full so long as there are additional resources available"): nothing a guest packet causes needs an rx buffer at
@@ -39,7 +44,7 @@ host (VMADDR_CID_HOST = 2), as Firecracker does.
 from __future__ import annotations
 
 import collections
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 from ..virtio.eventloop import EventLoop, TimerHandle
 from ..virtio.queue import GuestErrorLog
@@ -53,6 +58,7 @@ __all__ = [
     "HostService",
     "MAX_CONNECTIONS",
     "MAX_CONTROL_PACKETS",
+    "RX_TURN_BUFFERS",
     "TX_BUFFER_BUDGET",
     "METRIC_NAMES",
     "VsockMuxer",
@@ -69,6 +75,10 @@ MAX_CONTROL_PACKETS = 256
 #: (CONN_TX_BUF_SIZE, 256 KiB) while the sum stays within this, else CONN_TX_BUF_SIZE_MIN
 #: (64 KiB).  Worst case: TX_BUFFER_BUDGET + MAX_CONNECTIONS * 64 KiB, about 128 MiB.
 TX_BUFFER_BUDGET = 64 * 1024 * 1024
+#: rx buffers one connection fills per turn (128 KiB of Linux <= 6.1's 4 KiB buffers) before the
+#: next connection that owes the guest a packet gets its turn: one bulk stream cannot starve
+#: the others (fairness), and a turn is still one host read for the whole run
+RX_TURN_BUFFERS = 32
 #: host-initiated connections get local ports from [2**30, 2**31) (Firecracker)
 HOST_PORT_FIRST = 1 << 30
 HOST_PORT_LAST = (1 << 31) - 1
@@ -135,7 +145,8 @@ class VsockMuxer:
         self._control: collections.deque[VsockHeader] = collections.deque()
         self._rxq: collections.deque[tuple[int, int]] = collections.deque()
         self._in_rxq: set[tuple[int, int]] = set()
-        # per connection: (reading, writing, timer) as registered with the loop
+        self._filling = False               # inside fill_rx_burst (see there)
+        # per connection: [read interest, writing, timer, reader registered, reader callback]
         self._io: dict[tuple[int, int], list] = {}
         self._next_host_port = HOST_PORT_FIRST
         self._host_ports: collections.Counter[int] = collections.Counter()
@@ -313,7 +324,9 @@ class VsockMuxer:
     def _add(self, conn: Connection) -> None:
         self.connections[conn.key] = conn
         self.advertised += conn.buf_alloc
-        self._io[conn.key] = [False, False, None]
+        key = conn.key
+        # read interest and registration differ: see _sync
+        self._io[key] = [False, False, None, False, lambda: self._on_readable(key)]
         self.metrics["conns_added"] += 1
         self._sync(conn)
 
@@ -323,7 +336,7 @@ class VsockMuxer:
             return
         del self.connections[key]
         self.advertised -= conn.buf_alloc
-        reading, writing, timer = self._io.pop(key)
+        _interest, writing, timer, reading, _reader = self._io.pop(key)
         if timer is not None:
             timer.cancel()
         self._in_rxq.discard(key)             # a stale key left in _rxq is skipped
@@ -341,7 +354,21 @@ class VsockMuxer:
         self.metrics["conns_removed"] += 1
 
     def _sync(self, conn: Connection) -> None:
-        """After any call into ``conn``: fd interest, timer, rx turn, or removal."""
+        """After any call into ``conn``: fd interest, timer, rx turn, or removal.
+
+        Read interest is a flag (``io[0]``), separate from the registration
+        (``io[3]``), so that the usual rx cycle costs no ``epoll_ctl``: the host
+        socket becomes readable -> the connection owes an RW (``want_read()``
+        False) -> the device fills rx buffers in the same loop pass until the
+        socket would block -> ``want_read()`` True again.  Losing interest only
+        clears the flag; the reader stays registered.  The loop is
+        level-triggered (:mod:`pyvmm.virtio.eventloop`), so a socket that stays
+        readable while we are not interested (no rx buffers, the guest's
+        window shut, end-of-file seen) would fire on every pass: the first
+        such call (:meth:`_on_readable`) unregisters the reader, one
+        ``epoll_ctl``, and regaining interest registers it again, one more.
+        So ``epoll_ctl`` is paid per real stall, not per burst.
+        """
         if conn.done:
             self._remove(conn)
             return
@@ -351,11 +378,10 @@ class VsockMuxer:
         want_read, want_write = conn.want_read(), conn.want_write()
         if fd >= 0:
             if want_read != io[0]:
-                if want_read:
-                    self.loop.add_reader(fd, lambda: self._on_readable(key))
-                else:
-                    self.loop.remove_reader(fd)
                 io[0] = want_read
+                if want_read and not io[3]:
+                    self.loop.add_reader(fd, io[4])
+                    io[3] = True
             if want_write != io[1]:
                 if want_write:
                     self.loop.add_writer(fd, lambda: self._on_writable(key))
@@ -374,13 +400,22 @@ class VsockMuxer:
         if conn.has_pending_rx() and key not in self._in_rxq:
             self._in_rxq.add(key)
             self._rxq.append(key)
-            self.on_rx_pending()
+            if not self._filling:
+                self.on_rx_pending()
 
     def _on_readable(self, key: tuple[int, int]) -> None:
         conn = self.connections.get(key)
-        if conn is not None:
-            conn.on_host_readable()
-            self._sync(conn)
+        if conn is None:
+            return
+        io = self._io[key]
+        if not io[0]:                   # readable but not wanted: stop the level-triggered spin
+            io[3] = False
+            fd = _fileno(conn.stream)
+            if fd >= 0:
+                self.loop.remove_reader(fd)
+            return
+        conn.on_host_readable()
+        self._sync(conn)
 
     def _on_writable(self, key: tuple[int, int]) -> None:
         conn = self.connections.get(key)
@@ -401,24 +436,46 @@ class VsockMuxer:
 
     def fill_rx(self, rx: RxBuffer) -> VsockHeader | None:
         """Write the next packet owed to the guest into ``rx``; its header, or None."""
+        hdrs = self.fill_rx_burst([rx])
+        return hdrs[0] if hdrs else None
+
+    def fill_rx_burst(self, bufs: Sequence[RxBuffer]) -> list[VsockHeader]:
+        """Fill rx buffers from the front of ``bufs`` for ONE connection (or one
+        control RST); the headers of the buffers filled, a prefix of ``bufs``.
+
+        The connections that owe packets take turns (``_rxq``): the first that
+        has something for ``bufs[0]`` fills at most :data:`RX_TURN_BUFFERS`
+        buffers (:meth:`Connection.fill_rx_burst`) and goes to the back of the
+        line if it owes more.  While this runs, a connection put back in line
+        does not call ``on_rx_pending``: the device is filling and asks
+        :meth:`has_pending_rx` itself, and a connection that has nothing for
+        these buffers (a header-only buffer while an RW is owed) must not
+        schedule another fill of the same buffers (that would spin).
+        """
         if self._control:
             hdr = self._control.popleft()
-            rx.write_header(hdr)
+            bufs[0].write_header(hdr)
             self.metrics["rx_packets"] += 1
             self.metrics["rst_sent"] += 1
-            return hdr
+            return [hdr]
+        if len(bufs) > RX_TURN_BUFFERS:
+            bufs = bufs[:RX_TURN_BUFFERS]
         now = self.loop.time()
-        for _ in range(len(self._rxq)):
-            key = self._rxq.popleft()
-            if key not in self._in_rxq:
-                continue                        # removed meanwhile
-            self._in_rxq.discard(key)
-            conn = self.connections[key]
-            hdr = conn.fill_rx(rx, now)
-            self._sync(conn)                    # back in line if it owes more
-            if hdr is not None:
-                return hdr
-        return None
+        self._filling = True
+        try:
+            for _ in range(len(self._rxq)):
+                key = self._rxq.popleft()
+                if key not in self._in_rxq:
+                    continue                        # removed meanwhile
+                self._in_rxq.discard(key)
+                conn = self.connections[key]
+                hdrs = conn.fill_rx_burst(bufs, now)
+                self._sync(conn)                    # back in line if it owes more
+                if hdrs:
+                    return hdrs
+            return []
+        finally:
+            self._filling = False
 
     # -- resets ---------------------------------------------------------------------
     def reset_all(self) -> None:

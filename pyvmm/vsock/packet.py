@@ -270,10 +270,20 @@ class RxBuffer:
                          if self.usable else 0)
         #: the header written by :meth:`write_header`, for metrics and tests
         self.hdr: VsockHeader | None = None
+        # the first descriptor, if the whole header fits in it (both Linux layouts): one pack_into
+        first = self._views[0] if self._views else None
+        self._hdr_view = first if first is not None and len(first) >= VIRTIO_VSOCK_HDR_LEN else None
+        self._payload: list[memoryview] | None = None   # all payload views, made on first use
 
     def payload_views(self, limit: int) -> list[memoryview]:
-        """Views of the first ``min(limit, capacity)`` payload bytes (in guest RAM)."""
-        return slice_views(self._views, VIRTIO_VSOCK_HDR_LEN, min(limit, self.capacity))
+        """Views of the first ``min(limit, capacity)`` payload bytes (in guest RAM).
+        The caller must not modify the list (the whole-payload one is kept)."""
+        if limit >= self.capacity:
+            views = self._payload
+            if views is None:
+                views = self._payload = slice_views(self._views, VIRTIO_VSOCK_HDR_LEN, self.capacity)
+            return views
+        return slice_views(self._views, VIRTIO_VSOCK_HDR_LEN, limit)
 
     def write_payload(self, data, offset: int = 0) -> int:
         """Copy ``data`` into the payload area from ``offset`` on; returns bytes written."""
@@ -292,10 +302,13 @@ class RxBuffer:
 
     def write_header(self, hdr: VsockHeader) -> int:
         """Write the header at offset 0; returns ``used.len`` = 44 + hdr.len."""
-        raw = memoryview(hdr.pack())
-        done = 0
-        for view in slice_views(self._views, 0, VIRTIO_VSOCK_HDR_LEN):
-            view[:] = raw[done:done + len(view)]
-            done += len(view)
+        if self._hdr_view is not None:
+            HDR.pack_into(self._hdr_view, 0, *hdr)
+        else:                                   # the header itself split over descriptors
+            raw = memoryview(hdr.pack())
+            done = 0
+            for view in slice_views(self._views, 0, VIRTIO_VSOCK_HDR_LEN):
+                view[:] = raw[done:done + len(view)]
+                done += len(view)
         self.hdr = hdr
         return VIRTIO_VSOCK_HDR_LEN + hdr.len
