@@ -86,6 +86,24 @@ def test_connect_line_never_finished(guest, uds):
     assert guest.dev.counters()["unix_handshake_errors"] == 1
 
 
+def test_connect_line_that_arrived_in_time_is_not_timed_out(guest, uds):
+    """A loop turn that ran past the deadline (a busy or loaded host) reaches the
+    CONNECT timer before the readable event of a line that arrived in time: the line
+    is read then, and the connection goes ahead (the e2e test's 64 concurrent CONNECTs
+    in the lab were refused this way)."""
+    s = connect(uds)
+    guest.pump()                             # accepted: the timer starts
+    s.sendall(b"CONNECT 52\n")
+    guest.clock.advance(CONNECT_TIMEOUT + 1)  # the loop was busy meanwhile
+    (hs,) = guest.unix._handshakes.values()
+    timer = hs.timer
+    timer.cancel()                           # run it by hand, first, as that loop turn did
+    timer.callback(*timer.args)
+    guest.pump()
+    assert ops(guest.recv()) == [Op.VIRTIO_VSOCK_OP_REQUEST]
+    assert guest.dev.counters()["unix_handshake_errors"] == 0
+
+
 def test_peer_closes_before_line(guest, uds):
     s = connect(uds)
     s.sendall(b"CONN")
