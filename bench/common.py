@@ -30,11 +30,12 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pyvmm import affinity
 
 PREFIX = "pyvmm-test-guest: "
 GUEST_CID = 3
@@ -162,20 +163,11 @@ class Placement:
                 pass
         return done
 
-    @contextmanager
     def client_pinned(self):
         """Run the block with the calling thread on ``client``.  Threads and
         processes started inside inherit it (the console readers, the VMM
         subprocess until it places its own threads)."""
-        if self.client is None:
-            yield
-            return
-        saved = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, self.client)
-        try:
-            yield
-        finally:
-            os.sched_setaffinity(0, saved)
+        return affinity.pinned(self.client)
 
 
 def thread_names(pid: int) -> dict[int, str]:

@@ -13,6 +13,7 @@ vCPU threads are called ``pyvmm-vcpu<N>`` (:data:`VCPU_THREAD_PREFIX`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -123,6 +124,22 @@ def cpu_set(value, what: str, available: frozenset[int] | None = None) -> frozen
 def pin_thread(tid: int, cpus) -> None:
     """Let thread ``tid`` (a native thread id; 0 = the calling thread) run only on ``cpus``."""
     os.sched_setaffinity(tid, cpus)
+
+
+@contextlib.contextmanager
+def pinned(cpus):
+    """Run the block with the calling thread on ``cpus`` (None: leave it alone), then put
+    it back.  Threads and processes started inside inherit the placement, which is how
+    pyvmm places its I/O thread and the bench its client."""
+    if cpus is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    pin_thread(0, cpus)
+    try:
+        yield
+    finally:
+        pin_thread(0, saved)
 
 
 def set_thread_name(name: str) -> None:

@@ -28,7 +28,6 @@ a vCPU already inside returns with EINTR).
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import signal
@@ -411,20 +410,11 @@ class Machine:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
-    @contextlib.contextmanager
     def _io_placement(self):
         """Threads started inside run on ``io_cpus``: a new thread inherits the
         affinity of the thread that creates it, so the creator is pinned for
         the moment and then put back."""
-        if self.io_cpus is None:
-            yield
-            return
-        saved = os.sched_getaffinity(0)
-        affinity.pin_thread(0, self.io_cpus)
-        try:
-            yield
-        finally:
-            affinity.pin_thread(0, saved)
+        return affinity.pinned(self.io_cpus)
 
     def wait(self, timeout: float | None = None) -> RunResult:
         """Block until the run ends (or ``timeout``, defaulting to the config's).
