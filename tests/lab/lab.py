@@ -537,6 +537,27 @@ lab_command() {{
 """.encode()
 
 
+#: host directories the lab replaces with a fresh tmpfs inside: host paths under them are not
+#: visible to the command (the project itself is mounted over them last, so it is)
+HIDDEN_INSIDE = (Path("/tmp"), Path("/run"), Path("/var/tmp"))
+
+
+def _check_cache_visible() -> None:
+    """PYVMM_CACHE must be a directory the command inside can see, or every image lookup
+    there fails far from the cause."""
+    cache = os.environ.get("PYVMM_CACHE")
+    if not cache:
+        return
+    path = Path(cache).resolve()
+    if path == PROJECT_DIR or PROJECT_DIR in path.parents:
+        return
+    for hidden in HIDDEN_INSIDE:
+        if path == hidden or hidden in path.parents:
+            raise LabError(f"PYVMM_CACHE={cache} is under {hidden}, which the lab replaces with "
+                           "a fresh tmpfs, so the command inside would not find the images: "
+                           "use a cache directory elsewhere (the default is ~/.cache/pyvmm)")
+
+
 def _command_env(extra: dict[str, str] | None) -> dict[str, str]:
     """The caller's environment essentials, passed through to the command."""
     env = {
@@ -786,6 +807,7 @@ def run(cmd: list[str], timeout: float = DEFAULT_TIMEOUT, cpus: int = 1, *,
     session = _Session(stdout, stderr, verbose)
     with _terminate_on_signals():
         try:
+            _check_cache_visible()
             image, built = _prepare_image()
         except LabError as error:
             timings["total"] = time.monotonic() - started
@@ -855,6 +877,10 @@ def available() -> tuple[bool, str]:
         return False, "the lab needs Linux"
     if os.environ.get("PYVMM_IN_LAB") == "1":
         return False, "already inside the lab"
+    try:
+        _check_cache_visible()
+    except LabError as error:
+        return False, str(error)
     notes = []
     missing = _missing_host_packages()
     if missing:
