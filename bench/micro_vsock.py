@@ -36,7 +36,7 @@ from pyvmm.virtio.mmio import MmioTransport
 from pyvmm.virtio.mock import MockDriver
 from pyvmm.virtio.queue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.vsock import UnixBackend, VsockDevice
-from pyvmm.vsock.packet import HDR, VIRTIO_VSOCK_HDR_LEN
+from pyvmm.vsock.wire import HDR, VIRTIO_VSOCK_HDR_LEN
 
 GUEST_CID, HOST_CID = 3, 2
 GUEST_BUF = 256 * 1024            # Linux VSOCK_DEFAULT_BUFFER_SIZE

@@ -47,12 +47,18 @@ def positive_float(text: str) -> float:
 
 
 def parse_vsock(text: str):
-    """'CID[,uds=PATH][,buf=SIZE]' (also 'cid=CID,socket=PATH', cloud-hypervisor's spelling).
+    """'CID[,uds=PATH][,buf=SIZE][,proto=virtio|rfc2013][,pairs=N]' (also 'cid=CID,socket=PATH',
+    cloud-hypervisor's spelling).
 
     ``buf`` is the window each connection advertises (its buf_alloc; a size as for
-    ``--mem`` but in KiB by default, e.g. 256K or 1M); the device checks its range."""
+    ``--mem`` but in KiB by default, e.g. 256K or 1M); the device checks its range.
+    ``proto=rfc2013`` is the 2013 draft device (ID 13, docs/vsock-draft-vs-spec.md)
+    with ``pairs`` rx/tx queue pairs, 1 .. 16 (default: one per vCPU)."""
     from .machine import VsockConfig
-    cid, uds, buf = None, None, None
+    from .vsock.device import MAX_PAIRS
+    from .vsock.wire import WIRE_FORMATS
+    usage = "expected CID[,uds=PATH][,buf=SIZE][,proto=virtio|rfc2013][,pairs=N]"
+    cid, uds, buf, proto, pairs = None, None, None, "virtio", None
     for i, item in enumerate(text.split(",")):
         key, eq, value = item.partition("=")
         if not eq and i == 0:
@@ -63,12 +69,23 @@ def parse_vsock(text: str):
             uds = value
         elif key == "buf" and value:
             buf = parse_size(value if not value.isdigit() else value + "K")
-        else:
+        elif key == "proto" and value in WIRE_FORMATS:
+            proto = value
+        elif key == "proto":
             raise argparse.ArgumentTypeError(
-                f"invalid --vsock {text!r}: expected CID[,uds=PATH][,buf=SIZE]")
+                f"invalid --vsock {text!r}: unknown proto {value!r} (virtio or rfc2013)")
+        elif key == "pairs" and value.isdigit() and 1 <= int(value) <= MAX_PAIRS:
+            pairs = int(value)
+        elif key == "pairs":
+            raise argparse.ArgumentTypeError(
+                f"invalid --vsock {text!r}: pairs must be 1 .. {MAX_PAIRS}")
+        else:
+            raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: {usage}")
     if cid is None:
         raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: no CID")
-    return VsockConfig(cid, uds) if buf is None else VsockConfig(cid, uds, conn_buf_size=buf)
+    if pairs is not None and not WIRE_FORMATS[proto].multiqueue:
+        raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: pairs= needs proto=rfc2013")
+    return VsockConfig(cid, uds, conn_buf_size=buf, proto=proto, pairs=pairs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,11 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--timeout", type=positive_float, help="stop the guest after S seconds")
     run.add_argument("--serial", default="stdio", help="'stdio' or a file for the console output")
-    run.add_argument("--vsock", type=parse_vsock, metavar="CID[,uds=PATH][,buf=SIZE]",
+    run.add_argument("--vsock", type=parse_vsock,
+                     metavar="CID[,uds=PATH][,buf=SIZE][,proto=virtio|rfc2013][,pairs=N]",
                      help="a virtio-vsock device with guest CID; host programs reach guest "
                      "port P by writing 'CONNECT P\\n' to the Unix socket PATH, and a guest "
                      "connect to CID 2 port P goes to PATH_P (Firecracker's protocol); buf: "
-                     "each connection's window, 64K to 64M (default 256K)")
+                     "each connection's window, 64K to 64M (default 256K); proto=rfc2013: the "
+                     "2013 draft device (ID 13, only pyvmm's own guest driver speaks it) with "
+                     "N rx/tx queue pairs, 1 to 16 (default: one per vCPU), and datagrams "
+                     "(PATH.dgram, PATH_P.dgram)")
     run.add_argument("--vcpu-affinity", metavar="CPUS", help="host CPUs for the vCPU threads, "
                      "a list like 0, 1-3 or 0,2 (default: not pinned)")
     run.add_argument("--io-affinity", metavar="CPUS", help="host CPUs for the device threads "

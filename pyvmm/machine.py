@@ -103,6 +103,11 @@ class VsockConfig:
     #: the window (buf_alloc) each connection advertises, 64 KiB .. 64 MiB (None: the
     #: device's default, pyvmm.vsock.connection.CONN_TX_BUF_SIZE, 256 KiB)
     conn_buf_size: int | None = None
+    #: the protocol (pyvmm.vsock.wire.WIRE_FORMATS): "virtio", the standard Socket Device
+    #: (ID 19), or "rfc2013", the 2013 draft (ID 13) with ``pairs`` rx/tx queue pairs
+    proto: str = "virtio"
+    #: rfc2013 only: queue pairs, 1 .. 16 (None: one per vCPU)
+    pairs: int | None = None
 
 
 @dataclass
@@ -259,8 +264,16 @@ class Machine:
             from .vsock import VsockDevice, default_backends
             # the Python API, then the Unix socket; the latter binds in attach_loop below
             self.vsock_api, backends = default_backends(cfg.vsock.uds_path)
-            window = {} if cfg.vsock.conn_buf_size is None else {"conn_buf_size": cfg.vsock.conn_buf_size}
-            self.vsock_device = VsockDevice(cfg.vsock.guest_cid, backends, **window)
+            from .vsock.wire import WIRE_FORMATS
+            kw = {} if cfg.vsock.conn_buf_size is None else {"conn_buf_size": cfg.vsock.conn_buf_size}
+            wire = WIRE_FORMATS.get(cfg.vsock.proto)
+            if wire is None:
+                raise ConfigError(f"vsock proto {cfg.vsock.proto!r}: expected one of {sorted(WIRE_FORMATS)}")
+            if wire.multiqueue:
+                kw["pairs"] = cfg.vsock.pairs if cfg.vsock.pairs is not None else min(cfg.cpus, 16)
+            elif cfg.vsock.pairs is not None:
+                raise ConfigError("vsock pairs= needs proto=rfc2013")
+            self.vsock_device = VsockDevice(cfg.vsock.guest_cid, backends, wire=wire, **kw)
             devices.insert(0, self.vsock_device)
         self.virtio_slots = []
         for device in devices:

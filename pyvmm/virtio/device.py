@@ -221,11 +221,17 @@ class VirtioDevice(abc.ABC):
         finally:
             self.config_generation = (self.config_generation + 1) & 0xFFFF_FFFF
 
+    def queue_required(self, index: int) -> bool:
+        """Must queue ``index`` be ready at DRIVER_OK?  (All by default; a device
+        whose driver may use fewer queues, as the draft vsock's pairs, says which.)"""
+        return True
+
     @abc.abstractmethod
     def activate(self, memory: GuestMemory, queues: list[Queue],
                  interrupt: Callable[[int], None]) -> None:
         """DRIVER_OK: start serving.  ``queues[i]`` is queue i, ready and checked
-        (None only where ``queue_max_sizes[i]`` is 0).
+        (None where ``queue_max_sizes[i]`` is 0, or the queue is optional
+        (:meth:`queue_required`) and the driver did not make it ready).
 
         ``interrupt(VIRTIO_MMIO_INT_VRING)`` raises a used-buffer interrupt
         (call it after ``queue.needs_notification()`` said so);

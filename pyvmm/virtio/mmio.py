@@ -477,8 +477,9 @@ class MmioTransport:
         return True
 
     def _driver_ok(self) -> None:
-        if not self._needs_reset and any(q.max_size and q.queue is None for q in self.queues):
-            self.errors.report("DRIVER_OK with a queue not ready: device not activated")
+        if not self._needs_reset and any(q.max_size and q.queue is None and self.device.queue_required(i)
+                                         for i, q in enumerate(self.queues)):
+            self.errors.report("DRIVER_OK with a required queue not ready: device not activated")
             self._needs_reset = True
         if self._needs_reset:
             self._raise_interrupt(self._epoch, VIRTIO_MMIO_INT_CONFIG)

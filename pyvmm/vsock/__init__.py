@@ -24,7 +24,7 @@ The device runs on the machine's device I/O loop
 
 from .backend import VsockBackend, VsockHost
 from .device import VsockDevice
-from .packet import (VMADDR_CID_HOST, VirtioVsockOp, VirtioVsockSeqFlag, VirtioVsockShutdown,
+from .wire import (VMADDR_CID_HOST, VirtioVsockOp, VirtioVsockSeqFlag, VirtioVsockShutdown,
                      VirtioVsockType, VsockHeader)
 from .unix import UnixBackend, VsockApi, VsockListener, default_backends
 

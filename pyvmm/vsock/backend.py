@@ -47,6 +47,12 @@ but refused": the guest gets an RST at once).
 Host-initiated connections: a backend calls
 :meth:`VsockHost.connect_host` with a stream it made (on the loop thread).
 
+Datagrams (the 2013 draft only, ``VsockHost.datagrams``): the muxer offers a
+guest datagram to each backend in order through ``datagram_to_host(port,
+peer, data)`` (None: not mine; True: delivered; False: dropped); a backend
+sends one to the guest with :meth:`VsockHost.send_datagram`.  Backends
+subclass :class:`VsockBackend` and so inherit "not mine" for datagrams.
+
 Threads: every method of both protocols runs on the I/O loop thread, except
 :meth:`VsockHost.call_soon_threadsafe`, :meth:`VsockHost.counters`,
 :meth:`VsockHost.transport_reset` and :meth:`VsockHost.may_block`, which any
@@ -75,6 +81,8 @@ class VsockHost(Protocol):
     metrics: collections.Counter
     #: errors caused by host peers, counted by reason and logged once each
     host_errors: GuestErrorLog
+    #: whether the device's protocol has datagrams (the 2013 draft)
+    datagrams: bool
 
     def connect_host(self, port: int, vtype: int, stream: HostStream, *,
                      preamble: Callable[[int], bytes] | None = None,
@@ -87,6 +95,10 @@ class VsockHost(Protocol):
         full, a type the driver did not negotiate): the caller closes
         ``stream``.  Loop thread.
         """
+
+    def send_datagram(self, src_port: int, dst_port: int, data: bytes) -> bool:
+        """Queue a datagram from host ``src_port`` to guest ``dst_port``; False if it
+        was dropped (counted): no datagrams, too large, or too many waiting.  Loop thread."""
 
     # -- the I/O loop, loop thread only -------------------------------------------
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:

@@ -18,12 +18,23 @@ Protocol primer (virtio 1.2 §5.10.6; Linux ``virtio_transport_common.c``)
 -------------------------------------------------------------------------
 
 *Handshake.*  The initiator sends VIRTIO_VSOCK_OP_REQUEST; the listener
-answers VIRTIO_VSOCK_OP_RESPONSE (accepted) or VIRTIO_VSOCK_OP_RST.
+answers VIRTIO_VSOCK_OP_RESPONSE (accepted) or VIRTIO_VSOCK_OP_RST.  The
+handshake is data, the wire format's :attr:`~pyvmm.vsock.wire.WireFormat.handshake`:
+an alternating sequence of ops, the initiator sending the even-numbered ones
+(REQUEST, and in the 2013 draft OFFER), the listener the odd-numbered ones
+(RESPONSE; the draft's NEGOTIATE and ATTACH).  ``hs_step`` is the index of
+the next op of the sequence; the side that sends the last op is connected
+when it goes out, the other when it arrives.  Anything but the expected op
+(or an RST) during the handshake is a protocol violation: RST.  The whole
+handshake must finish within :data:`CONN_REQUEST_TIMEOUT` of our first
+handshake packet (the initiator's REQUEST, the listener's first answer when
+more follow), else RST.
 
 *Credit.*  Every packet carries the sender's ``buf_alloc`` (receive buffer
 size) and ``fwd_cnt`` (free-running u32: bytes its receiver has consumed).
 A sender may have at most ``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)``
-(wrapping u32) payload bytes in flight (§5.10.6.3).  Names, from *our*
+(wrapping u32; u64 in the draft: the wire's ``counter_mask``) payload bytes in
+flight (§5.10.6.3).  Names, from *our*
 side of the connection (as in Linux ``struct virtio_vsock_sock``; note that
 "tx_cnt" counts bytes we send to the guest, i.e. on the *rx* virtqueue):
 
@@ -53,7 +64,7 @@ VIRTIO_VSOCK_OP_CREDIT_REQUEST; any packet we send carries the same news, so
 a pending CREDIT_UPDATE is dropped when another packet goes out first.  When
 the guest's window is 0 and the host has data, we send one
 VIRTIO_VSOCK_OP_CREDIT_REQUEST and stop reading the host until the guest's
-numbers move.
+numbers move (the draft has no CREDIT_REQUEST: we just wait for them).
 
 *Close* (§5.10.6.5).  VIRTIO_VSOCK_OP_SHUTDOWN carries VIRTIO_VSOCK_SHUTDOWN_RCV/SEND,
 sticky.  Whoever has seen both directions finished sends RST; an endpoint
@@ -84,9 +95,10 @@ States (Firecracker's ``ConnState``) and what moves them
 ::
 
     state         meaning                                  leaves on
-    LOCAL_INIT    host-initiated: REQUEST owed/sent        guest RESPONSE -> ESTABLISHED
+    LOCAL_INIT    host-initiated: handshake under way      last handshake op received -> ESTABLISHED
                   (expiry: CONN_REQUEST_TIMEOUT)           guest RST / other op / timeout -> gone
-    PEER_INIT     guest-initiated: RESPONSE owed           RESPONSE sent -> ESTABLISHED
+    PEER_INIT     guest-initiated: handshake under way     last handshake op sent -> ESTABLISHED
+                                                           (draft: expiry while OFFER is awaited)
     ESTABLISHED   data both ways                           guest SHUTDOWN -> PEER_CLOSED
                                                            host hung up -> LOCAL_CLOSED
     PEER_CLOSED   guest sent SHUTDOWN (peer_shutdown)      guest finished both ways and our
@@ -97,7 +109,8 @@ States (Firecracker's ``ConnState``) and what moves them
 
     guest packet in a state                          answer
     RST, any state                                   gone, no reply (never RST an RST)
-    RESPONSE in LOCAL_INIT                           ESTABLISHED; host told (``OK <port>``)
+    the next handshake op, when it is the guest's    the next step; the last one in LOCAL_INIT:
+      turn (LOCAL_INIT / PEER_INIT)                  ESTABLISHED, host told (``OK <port>``)
     anything else in LOCAL_INIT / PEER_INIT          RST (protocol violation, counted)
     RW within credit, ESTABLISHED / PEER_CLOSED      forwarded (or buffered) to the host
       without SEND
@@ -107,7 +120,8 @@ States (Firecracker's ``ConnState``) and what moves them
     SHUTDOWN                                         see "Close" above
     CREDIT_UPDATE                                    credit refreshed (all packets do that)
     CREDIT_REQUEST                                   CREDIT_UPDATE owed
-    REQUEST, unknown op                              RST (counted)
+    a handshake op (REQUEST, RESPONSE, ...),         RST (counted)
+      an unknown op, once open
 
 Host-side half-close is kept: if the host peer only shuts down its write
 side (EOF while the socket is not hung up), the guest gets
@@ -125,9 +139,10 @@ from enum import Enum, IntFlag
 from typing import Callable, Protocol, Sequence
 
 from ..virtio.queue import GuestErrorLog
-from .packet import (BOTH, EOM, EOR, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
-                     OP_RST, OP_RW, OP_SHUTDOWN, RCV, SEND, SEQPACKET, VIRTIO_VSOCK_MAX_PKT_BUF_SIZE,
-                     VMADDR_CID_HOST, RxBuffer, VsockHeader, wrap32)
+from .packet import RxBuffer
+from .wire import (BOTH, EOM, EOR, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_RST, OP_RW, OP_SHUTDOWN, RCV,
+                   SEND, SEQPACKET, VIRTIO, VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VMADDR_CID_HOST, VsockHeader,
+                   WireFormat)
 
 __all__ = [
     "CONN_CREDIT_UPDATE_THRESHOLD",
@@ -156,7 +171,8 @@ CONN_TX_BUF_SIZE_MIN = 64 * 1024
 #: free space drops below one maximal packet (VIRTIO_VSOCK_MAX_PKT_BUF_SIZE) and the host
 #: has consumed at least as much (or everything); a quarter of the window if that is less
 CONN_CREDIT_UPDATE_THRESHOLD = 64 * 1024
-#: seconds to wait for the guest's RESPONSE to our REQUEST (Firecracker: 2 s)
+#: seconds for the handshake from our first packet of it (Firecracker: 2 s for the guest's
+#: RESPONSE to our REQUEST; the draft's initiator gives up after 2 s as af_vsock's connect)
 CONN_REQUEST_TIMEOUT = 2.0
 #: seconds to wait for the guest's RST after a SHUTDOWN (Firecracker: 2 s)
 CONN_SHUTDOWN_TIMEOUT = 2.0
@@ -184,19 +200,17 @@ class ConnState(Enum):
 class PendingRx(IntFlag):
     """Packets the connection owes the guest, in the order they are sent."""
     RST = 1
-    RESPONSE = 2
-    REQUEST = 4
-    SHUTDOWN = 8
-    RW = 16
-    CREDIT_REQUEST = 32
-    CREDIT_UPDATE = 64
+    HANDSHAKE = 2           # the handshake op at hs_step (REQUEST, RESPONSE, NEGOTIATE, ...)
+    SHUTDOWN = 4
+    RW = 8
+    CREDIT_REQUEST = 16
+    CREDIT_UPDATE = 32
 
 
 # The per-packet code works on plain ints (the wire values: see pyvmm.vsock.packet); the
 # enums stay the names at the API, in logs and in tests.
 P_RST = int(PendingRx.RST)
-P_RESPONSE = int(PendingRx.RESPONSE)
-P_REQUEST = int(PendingRx.REQUEST)
+P_HANDSHAKE = int(PendingRx.HANDSHAKE)
 P_SHUTDOWN = int(PendingRx.SHUTDOWN)
 P_RW = int(PendingRx.RW)
 P_CREDIT_REQUEST = int(PendingRx.CREDIT_REQUEST)
@@ -270,9 +284,16 @@ class Connection:
                  vtype: int, stream: HostStream, metrics: collections.Counter,
                  errors: GuestErrorLog, host_errors: GuestErrorLog,
                  peer_buf_alloc: int = 0, peer_fwd_cnt: int = 0, preamble: bytes = b"",
-                 buf_alloc: int = CONN_TX_BUF_SIZE,
+                 buf_alloc: int = CONN_TX_BUF_SIZE, wire: WireFormat = VIRTIO, lane: int = 0,
                  on_connect: Callable[[bool], None] | None = None) -> None:
         self.state = state
+        self.wire = wire
+        #: the queue pair this connection's packets travel on (0 but in the draft's multiqueue)
+        self.lane = lane
+        self._handshake = wire.handshake
+        self._mask = wire.counter_mask
+        #: the index in ``wire.handshake`` of the next handshake op (sent or expected)
+        self.hs_step = 0
         self.local_cid = VMADDR_CID_HOST
         self.peer_cid = peer_cid
         self.local_port = local_port
@@ -321,11 +342,12 @@ class Connection:
     # -- construction -------------------------------------------------------------
     @classmethod
     def peer_init(cls, hdr: VsockHeader, stream: HostStream, **kw) -> Connection:
-        """The guest's REQUEST ``hdr`` was accepted: a RESPONSE is owed."""
+        """The guest's REQUEST ``hdr`` was accepted: the next handshake op (RESPONSE) is owed."""
         conn = cls(state=ConnState.PEER_INIT, peer_cid=hdr.src_cid, local_port=hdr.dst_port,
                    peer_port=hdr.src_port, vtype=hdr.type, stream=stream,
                    peer_buf_alloc=hdr.buf_alloc, peer_fwd_cnt=hdr.fwd_cnt, **kw)
-        conn.pending = P_RESPONSE
+        conn.hs_step = 1
+        conn.pending = P_HANDSHAKE
         return conn
 
     @classmethod
@@ -338,7 +360,7 @@ class Connection:
         """
         conn = cls(state=ConnState.LOCAL_INIT, peer_cid=peer_cid, local_port=local_port,
                    peer_port=peer_port, vtype=vtype, stream=stream, **kw)
-        conn.pending = P_REQUEST
+        conn.pending = P_HANDSHAKE
         conn.expiry = now + CONN_REQUEST_TIMEOUT      # restarted when the REQUEST goes out
         return conn
 
@@ -349,12 +371,12 @@ class Connection:
     # -- credit -------------------------------------------------------------------
     def peer_credit(self) -> int:
         """Payload bytes the guest can take now: ``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)``."""
-        in_flight = wrap32(self.tx_cnt - self.peer_fwd_cnt)
+        in_flight = (self.tx_cnt - self.peer_fwd_cnt) & self._mask
         return self.peer_buf_alloc - in_flight if in_flight <= self.peer_buf_alloc else 0
 
     def _unforwarded(self) -> int:
         """Guest bytes we hold (buffered, or a partial SEQPACKET message)."""
-        return wrap32(self.rx_cnt - self.fwd_cnt)
+        return (self.rx_cnt - self.fwd_cnt) & self._mask
 
     def _guest_may_send(self) -> bool:
         return (self.state in (ConnState.ESTABLISHED, ConnState.PEER_CLOSED)
@@ -367,10 +389,10 @@ class Connection:
     def _maybe_credit_update(self) -> None:
         if not self._guest_may_send():
             return
-        unadvertised = wrap32(self.fwd_cnt - self.last_fwd_cnt_to_peer)
+        unadvertised = (self.fwd_cnt - self.last_fwd_cnt_to_peer) & self._mask
         if unadvertised == 0:
             return
-        seen_free = self.buf_alloc - wrap32(self.rx_cnt - self.last_fwd_cnt_to_peer)
+        seen_free = self.buf_alloc - ((self.rx_cnt - self.last_fwd_cnt_to_peer) & self._mask)
         threshold = self.credit_update_threshold
         if seen_free < threshold and (unadvertised >= threshold or self._unforwarded() == 0):
             self.pending |= P_CREDIT_UPDATE
@@ -412,35 +434,44 @@ class Connection:
             self.metrics["rst_received"] += 1
             self._finish(connected=False)
             return
-        if state is ConnState.LOCAL_INIT:
-            if op == OP_RESPONSE:
-                self.state = ConnState.ESTABLISHED
-                self.expiry = None
-                self._preamble_armed = self._preamble is not None
-                self._report_connect(True)
-                self._flush(now)
-            else:
-                self._guest_violation("guest answered our REQUEST with neither RESPONSE nor RST", hdr)
+        if state is ConnState.LOCAL_INIT or state is ConnState.PEER_INIT:
+            self._guest_handshake(hdr, now)
             return
-        if state is ConnState.PEER_INIT:
-            self._guest_violation("guest packet before our RESPONSE", hdr)
-            return
-
-        if op == OP_RW:
-            self._guest_rw(hdr, payload, now)
-        elif op == OP_SHUTDOWN:
-            self._guest_shutdown(hdr, now)
-        elif op == OP_CREDIT_UPDATE:
-            pass                        # the credit fields were taken above
-        elif op == OP_CREDIT_REQUEST:
-            if self._guest_may_send():
-                self.pending |= P_CREDIT_UPDATE
-        elif op == OP_REQUEST:
-            self._guest_violation("guest REQUEST on an existing connection", hdr)
-        elif op == OP_RESPONSE:
-            self._guest_violation("guest RESPONSE on an established connection", hdr)
+        rule = _OPEN_RULES.get(op)
+        if rule is not None:
+            rule(self, hdr, payload, now)
+        elif op in self._handshake:
+            self._guest_violation("guest handshake op on an open connection", hdr)
         else:
             self._guest_violation("guest packet with an unknown op", hdr)
+
+    def _guest_handshake(self, hdr: VsockHeader, now: float) -> None:
+        """A guest packet while the handshake runs: the next op of the sequence, when it
+        is the guest's turn (the host initiated: the odd steps; the guest: the even ones)."""
+        step = self.hs_step
+        guests_turn = (step % 2 == 1) == (self.state is ConnState.LOCAL_INIT)
+        if self.pending & P_HANDSHAKE or not guests_turn or hdr.op != self._handshake[step]:
+            self._guest_violation("guest packet out of order in the handshake", hdr)
+            return
+        self.hs_step = step = step + 1
+        if step < len(self._handshake):
+            self.pending |= P_HANDSHAKE             # our answer (the draft's OFFER / ATTACH)
+            return
+        self._connected()                           # the guest sent the last op: we initiated
+        self._flush(now)
+
+    def _connected(self) -> None:
+        self.state = ConnState.ESTABLISHED
+        self.expiry = None
+        self._preamble_armed = self._preamble is not None
+        self._report_connect(True)
+
+    def _guest_credit_update(self, hdr: VsockHeader, payload, now: float) -> None:
+        pass                            # every packet's credit fields were taken already
+
+    def _guest_credit_request(self, hdr: VsockHeader, payload, now: float) -> None:
+        if self._guest_may_send():
+            self.pending |= P_CREDIT_UPDATE
 
     def on_guest_stream_run(self, run: list, now: float) -> None:
         """Several STREAM RW packets of this connection in a row (the ``TxPacket`` objects of one
@@ -460,12 +491,13 @@ class Connection:
             return
         views: list[memoryview] = []
         violation = None
+        mask = self._mask
         for pkt in run:
             hdr = pkt.hdr
-            if wrap32(self.rx_cnt - self.last_fwd_cnt_to_peer) + hdr.len > self.buf_alloc:
+            if ((self.rx_cnt - self.last_fwd_cnt_to_peer) & mask) + hdr.len > self.buf_alloc:
                 violation = hdr
                 break
-            self.rx_cnt = wrap32(self.rx_cnt + hdr.len)
+            self.rx_cnt = (self.rx_cnt + hdr.len) & mask
             self.peer_buf_alloc, self.peer_fwd_cnt = hdr.buf_alloc, hdr.fwd_cnt
             views += pkt.payload
         if self.credit_requested and self.peer_credit() > 0:
@@ -487,12 +519,12 @@ class Connection:
         if self.peer_shutdown & SEND:
             self._guest_violation("guest RW after its SHUTDOWN(SEND)", hdr)
             return
-        in_flight = wrap32(self.rx_cnt - self.last_fwd_cnt_to_peer)
+        in_flight = (self.rx_cnt - self.last_fwd_cnt_to_peer) & self._mask
         if in_flight + hdr.len > self.buf_alloc:
             self.metrics["credit_violations"] += 1
             self._guest_violation("guest exceeded the credit we advertised", hdr)
             return
-        self.rx_cnt = wrap32(self.rx_cnt + hdr.len)
+        self.rx_cnt = (self.rx_cnt + hdr.len) & self._mask
         if self.seqpacket:
             self._guest_message_part(hdr, payload, now)
         elif hdr.len:
@@ -551,7 +583,7 @@ class Connection:
             self._tx_partial = bytearray()
             self._flush(now)
 
-    def _guest_shutdown(self, hdr: VsockHeader, now: float) -> None:
+    def _guest_shutdown(self, hdr: VsockHeader, payload, now: float) -> None:
         self.peer_shutdown |= hdr.flags & BOTH
         if hdr.flags & ~BOTH:
             self.errors.report("guest SHUTDOWN with undefined flags", hdr.describe())
@@ -581,10 +613,10 @@ class Connection:
             return
         self.expiry = None
         self.metrics["conns_timed_out"] += 1
-        if self.state is ConnState.LOCAL_INIT and self.pending & P_REQUEST:
-            self._finish(connected=False)       # the guest never saw it: nothing to reset
-        elif self.state is ConnState.LOCAL_INIT:
-            self._reset("guest did not answer our REQUEST in time")
+        if self.state is ConnState.LOCAL_INIT and self.hs_step == 0:
+            self._finish(connected=False)       # the REQUEST never went out: nothing to reset
+        elif self.state is ConnState.LOCAL_INIT or self.state is ConnState.PEER_INIT:
+            self._reset("guest did not finish the handshake in time")
         else:
             self._reset("close handshake timed out")
 
@@ -614,7 +646,7 @@ class Connection:
         self._after_progress(now)
 
     def _forwarded(self, n: int, messages: int = 0) -> None:
-        self.fwd_cnt = wrap32(self.fwd_cnt + n)
+        self.fwd_cnt = (self.fwd_cnt + n) & self._mask
         self.metrics["tx_bytes"] += n
         self.metrics["tx_messages"] += messages
 
@@ -666,7 +698,7 @@ class Connection:
         :meth:`fill_rx`, exactly as for a single buffer.
         """
         pending = self.pending
-        if ((pending & (P_RST | P_RESPONSE | P_REQUEST | P_SHUTDOWN | P_RW)) != P_RW or self.seqpacket
+        if ((pending & (P_RST | P_HANDSHAKE | P_SHUTDOWN | P_RW)) != P_RW or self.seqpacket
                 or not bufs or bufs[0].capacity == 0 or self._host_eof or not self._guest_may_receive()):
             hdr = self.fill_rx(bufs[0], now) if bufs else None
             return [] if hdr is None else [hdr]
@@ -718,7 +750,7 @@ class Connection:
             left -= got
             if left == 0:
                 break
-        self.tx_cnt = wrap32(self.tx_cnt + n)
+        self.tx_cnt = (self.tx_cnt + n) & self._mask
         self.last_fwd_cnt_to_peer = fwd_cnt               # every packet carries our credit
         self.pending &= ~P_CREDIT_UPDATE
         self.metrics["rx_bytes"] += n
@@ -740,14 +772,16 @@ class Connection:
         if pending & P_RST:
             self.pending = 0
             return self._header(OP_RST)
-        if pending & P_RESPONSE:
-            self.pending &= ~P_RESPONSE
-            self.state = ConnState.ESTABLISHED
-            return self._header(OP_RESPONSE)
-        if pending & P_REQUEST:
-            self.pending &= ~P_REQUEST
-            self.expiry = now + CONN_REQUEST_TIMEOUT
-            return self._header(OP_REQUEST)
+        if pending & P_HANDSHAKE:
+            self.pending &= ~P_HANDSHAKE
+            step = self.hs_step
+            op = self._handshake[step]
+            self.hs_step = step + 1
+            if self.hs_step == len(self._handshake):
+                self._connected()               # we sent the last op: the guest initiated
+            elif step < 2:
+                self.expiry = now + CONN_REQUEST_TIMEOUT    # our first packet of the handshake
+            return self._header(op)
         if pending & P_SHUTDOWN:
             self.pending &= ~P_SHUTDOWN
             return self._header(OP_SHUTDOWN, flags=self._shutdown_flags)
@@ -772,9 +806,10 @@ class Connection:
         if credit == 0:
             self.pending &= ~P_RW
             if not self.credit_requested:
-                self.credit_requested = True
-                self.metrics["credit_requests_sent"] += 1
-                return self._header(OP_CREDIT_REQUEST)
+                self.credit_requested = True            # stop reading until the guest's numbers move
+                if self.wire.op_credit_request is not None:
+                    self.metrics["credit_requests_sent"] += 1
+                    return self._header(OP_CREDIT_REQUEST)
             return None
         if rx.capacity == 0:
             return None                 # a header-only buffer: RW stays owed
@@ -791,7 +826,7 @@ class Connection:
             return self._header(OP_RST)
         if n == 0:
             return self._host_closed(now)
-        self.tx_cnt = wrap32(self.tx_cnt + n)
+        self.tx_cnt = (self.tx_cnt + n) & self._mask
         self.metrics["rx_bytes"] += n
         return self._header(OP_RW, n)
 
@@ -831,7 +866,7 @@ class Connection:
             flags = EOM | EOR
             self._rx_msg = None
             self.metrics["rx_messages"] += 1
-        self.tx_cnt = wrap32(self.tx_cnt + n)
+        self.tx_cnt = (self.tx_cnt + n) & self._mask
         self.metrics["rx_bytes"] += n
         return self._header(OP_RW, n, flags)
 
@@ -900,6 +935,16 @@ class Connection:
     def __repr__(self) -> str:
         return (f"Connection({self.local_port}<->{self.peer_cid}:{self.peer_port}, {self.state.value}, "
                 f"pending={PendingRx(self.pending)!r}, credit={self.peer_credit()}, held={self._unforwarded()})")
+
+
+#: what a guest packet does on an open connection (ESTABLISHED, PEER_CLOSED, LOCAL_CLOSED), by op;
+#: a handshake op there, or any other op, is a violation (see the table in the module docstring)
+_OPEN_RULES = {
+    OP_RW: Connection._guest_rw,
+    OP_SHUTDOWN: Connection._guest_shutdown,
+    OP_CREDIT_UPDATE: Connection._guest_credit_update,
+    OP_CREDIT_REQUEST: Connection._guest_credit_request,
+}
 
 
 def _skip(views: list[memoryview], n: int) -> list[memoryview]:

@@ -1,9 +1,14 @@
 """The virtio-vsock device (virtio 1.2 §5.10 "Socket Device"): virtqueue glue.
 
-This module owns the device as the transport and the machine see it: device
-ID 19, three virtqueues, the ``guest_cid`` config field, feature bits, the
-event queue, handing its backends the host face they use, and moving buffers
-between the virtqueues and the :class:`~pyvmm.vsock.muxer.VsockMuxer`.  It
+This module owns the device as the transport and the machine see it: the
+device ID, the virtqueues and their roles, the config space, feature bits,
+the event queue, handing its backends the host face they use, and moving
+buffers between the virtqueues and the :class:`~pyvmm.vsock.muxer.VsockMuxer`.
+It is given its wire format (:mod:`pyvmm.vsock.wire`): :data:`~pyvmm.vsock.wire.VIRTIO`,
+the standard Socket Device (ID 19, queues rx/tx/event, ``le64 guest_cid``),
+or :data:`~pyvmm.vsock.wire.RFC2013`, the 2013 draft (ID 13, a controlq and
+``pairs`` rx/tx queue pairs, ``le32 guest_cid; le32 max_virtqueue_pairs``,
+no event queue; see "The draft's queues" below).  It
 knows nothing about connections or sockets (Firecracker ``vsock/device.rs``),
 and it never builds its host ends: it is given them as
 :class:`~pyvmm.vsock.backend.VsockBackend` objects.
@@ -16,7 +21,8 @@ machine contract)::
 
     api, backends = default_backends(uds_path)   # [api, UnixBackend(uds_path)]: the
                                                  #   Python API, Firecracker's Unix end
-    dev = VsockDevice(guest_cid, backends, max_connections=1023, conn_buf_size=256 KiB)
+    dev = VsockDevice(guest_cid, backends, max_connections=1023, conn_buf_size=256 KiB,
+                      wire=VIRTIO, pairs=1)     # wire=RFC2013, pairs=1..16: the draft
         # guest_cid: 3 .. 2**32-2 (0, 1, 2, 2**32-1 reserved; upper 32 bits zero)
         # backends: asked in this order for guest connects to CID 2
         # conn_buf_size: the buf_alloc each connection advertises (64 KiB .. 64 MiB), within
@@ -130,6 +136,19 @@ VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (``le32 id = 0``) and drops every
 connection, as Firecracker does at snapshot time.  A batch is bounded
 (:data:`BATCH`) so a guest that refills without pause cannot starve host
 sockets; the rest is rescheduled.
+
+The draft's queues
+------------------
+
+Queue 0 is the controlq, queue 2i+1 receiveq i, queue 2i+2 transmitq i, for
+i < ``pairs`` (:data:`MAX_PAIRS` at most; config ``max_virtqueue_pairs``).
+Only pair 0 is required at DRIVER_OK; the pairs in use, *lanes*, are the
+pairs 0..P-1 whose two queues are both ready (a ready pair after a gap is
+ignored and logged), and each lane is an rx/tx pair exactly as the standard's
+one (the muxer keeps each connection on its lane).  Nothing was ever defined
+for the controlq: a buffer posted there is returned with used length 0,
+counted ("controlq_buffers") and logged once.  There is no event queue, so
+:meth:`transport_reset` only drops the connections.
 """
 
 from __future__ import annotations
@@ -142,27 +161,30 @@ from typing import Callable, Sequence
 
 from ..errors import ConfigError
 from ..memory import GuestMemory
-from ..virtio.device import (VIRTIO_ID_VSOCK, VIRTIO_MMIO_INT_VRING, VirtioDevice, VirtioFeature,
-                             feature_mask)
+from ..virtio.device import VIRTIO_MMIO_INT_VRING, VirtioDevice, VirtioFeature, feature_mask
 from ..virtio.eventloop import EventLoop, TimerHandle
 from ..virtio.queue import GuestErrorLog, Queue
 from .backend import VsockBackend
 from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, HostStream
 from .muxer import MAX_CONNECTIONS, RX_TURN_BUFFERS, TX_BUFFER_BUDGET, VsockMuxer, new_metrics
-from .packet import (VIRTIO_VSOCK_HDR_LEN, RxBuffer, VirtioVsockEventId, VirtioVsockFeature,
-                     VsockPacketError, parse_tx_chain)
+from .packet import RxBuffer, VsockPacketError, parse_tx_chain
+from .wire import CONTROL, EVENT, RX, TX, VIRTIO, VirtioVsockEventId, VirtioVsockFeature, WireFormat
 
-__all__ = ["BATCH", "EVENTQ", "QUEUE_SIZE", "RXQ", "RX_FIRST_BATCH", "TXQ", "VsockDevice"]
+__all__ = ["BATCH", "EVENTQ", "MAX_PAIRS", "QUEUE_SIZE", "RXQ", "RX_FIRST_BATCH", "TXQ", "VsockDevice"]
 
 logger = logging.getLogger("pyvmm.vsock")
 
+#: the standard's queue indexes (§5.10.2)
 RXQ, TXQ, EVENTQ = 0, 1, 2
 QUEUE_SIZE = 256
+#: the most queue pairs of the draft (``--vsock ...,pairs=N``)
+MAX_PAIRS = 16
 #: chains handled per queue per turn before other work gets the thread
 BATCH = 256
 #: rx chains popped by the first pop_batch of a turn (each next one pops twice as many)
 RX_FIRST_BATCH = 8
 _CONFIG = struct.Struct("<Q")           # struct virtio_vsock_config { le64 guest_cid; }
+_DRAFT_CONFIG = struct.Struct("<II")    # the draft's { le32 guest_cid; le32 max_virtqueue_pairs; }
 _EVENT = struct.Struct("<I")            # struct virtio_vsock_event { le32 id; }
 _F_SEQPACKET = 1 << VirtioVsockFeature.VIRTIO_VSOCK_F_SEQPACKET
 
@@ -170,21 +192,39 @@ _F_SEQPACKET = 1 << VirtioVsockFeature.VIRTIO_VSOCK_F_SEQPACKET
 class VsockDevice(VirtioDevice):
     """virtio-vsock: see the module docstring for the machine-facing contract."""
 
-    device_id = VIRTIO_ID_VSOCK
-    queue_max_sizes = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
-    config_size = _CONFIG.size
-    device_features = feature_mask(VirtioFeature.VIRTIO_F_VERSION_1, VirtioFeature.VIRTIO_F_EVENT_IDX,
-                                   VirtioFeature.VIRTIO_F_INDIRECT_DESC,
-                                   VirtioVsockFeature.VIRTIO_VSOCK_F_SEQPACKET)
-
     def __init__(self, guest_cid: int, backends: Sequence[VsockBackend] = (), *,
                  max_connections: int = MAX_CONNECTIONS,
-                 conn_buf_size: int = CONN_TX_BUF_SIZE) -> None:
+                 conn_buf_size: int = CONN_TX_BUF_SIZE,
+                 wire: WireFormat = VIRTIO, pairs: int = 1) -> None:
         if not 3 <= guest_cid < 0xFFFF_FFFF:
             raise ConfigError(f"vsock guest CID {guest_cid} is reserved or out of range (3 .. 2**32-2)")
         if not CONN_TX_BUF_SIZE_MIN <= conn_buf_size <= TX_BUFFER_BUDGET:
             raise ConfigError(f"vsock connection window {conn_buf_size} is outside "
                               f"{CONN_TX_BUF_SIZE_MIN} .. {TX_BUFFER_BUDGET} bytes")
+        if not 1 <= pairs <= (MAX_PAIRS if wire.multiqueue else 1):
+            raise ConfigError(f"vsock queue pairs {pairs}: proto={wire.name} takes "
+                              + ("1 .. 16" if wire.multiqueue else "no pairs= (one rx/tx pair)"))
+        self.wire = wire
+        self.pairs = pairs
+        self.device_id = wire.device_id
+        #: (role, lane) of each queue index, and the rx / tx queue index of each lane
+        self.roles = wire.queue_roles(pairs)
+        self._rx_index = [i for i, (role, _) in enumerate(self.roles) if role == RX]
+        self._tx_index = [i for i, (role, _) in enumerate(self.roles) if role == TX]
+        self.queue_max_sizes = (QUEUE_SIZE,) * len(self.roles)
+        if wire.multiqueue:
+            self.config_size = _DRAFT_CONFIG.size
+            self.device_features = feature_mask(VirtioFeature.VIRTIO_F_VERSION_1,
+                                                VirtioFeature.VIRTIO_F_EVENT_IDX,
+                                                VirtioFeature.VIRTIO_F_INDIRECT_DESC)
+        else:
+            self.config_size = _CONFIG.size
+            self.device_features = feature_mask(VirtioFeature.VIRTIO_F_VERSION_1,
+                                                VirtioFeature.VIRTIO_F_EVENT_IDX,
+                                                VirtioFeature.VIRTIO_F_INDIRECT_DESC,
+                                                VirtioVsockFeature.VIRTIO_VSOCK_F_SEQPACKET)
+        #: the pairs in use since DRIVER_OK (see "The draft's queues"; 1 in the standard)
+        self.lanes = 0
         self.guest_cid = guest_cid
         #: the host ends, asked in this order for guest-initiated connections
         self.backends = list(backends)
@@ -198,9 +238,10 @@ class VsockDevice(VirtioDevice):
         self._memory: GuestMemory | None = None
         self._queues: list[Queue] | None = None
         self._interrupt: Callable[[int], None] | None = None
-        self._rx_stock: collections.deque[RxBuffer] = collections.deque()    # popped ahead
-        self._rx_held: collections.deque[RxBuffer] = collections.deque()     # header-only, aside
-        self._rx_scheduled = False
+        # per lane: rx buffers popped ahead; header-only ones held aside; an rx turn scheduled
+        self._rx_stock: list[collections.deque[RxBuffer]] = [collections.deque() for _ in range(pairs)]
+        self._rx_held: list[collections.deque[RxBuffer]] = [collections.deque() for _ in range(pairs)]
+        self._rx_scheduled: set[int] = set()
         self._more_scheduled: set[int] = set()
         self._events_owed = 0
 
@@ -213,7 +254,7 @@ class VsockDevice(VirtioDevice):
         self.muxer = VsockMuxer(guest_cid=self.guest_cid, loop=loop, metrics=self.metrics,
                                 errors=self.errors, host_errors=self.host_errors,
                                 max_connections=self.max_connections,
-                                conn_buf_size=self.conn_buf_size)
+                                conn_buf_size=self.conn_buf_size, wire=self.wire)
         self.muxer.on_rx_pending = self._schedule_rx
         self.muxer.services = self.backends
         host = _DeviceHost(self, loop, self.muxer)
@@ -248,9 +289,16 @@ class VsockDevice(VirtioDevice):
 
     # -- VirtioDevice ------------------------------------------------------------------
     def read_config(self, offset: int, size: int) -> bytes:
-        """``struct virtio_vsock_config { le64 guest_cid; }``, any bytes of it."""
-        data = _CONFIG.pack(self.guest_cid)[offset:offset + size]
+        """``struct virtio_vsock_config { le64 guest_cid; }`` (the draft's
+        ``{ le32 guest_cid; le32 max_virtqueue_pairs; }``), any bytes of it."""
+        config = (_DRAFT_CONFIG.pack(self.guest_cid, self.pairs) if self.wire.multiqueue
+                  else _CONFIG.pack(self.guest_cid))
+        data = config[offset:offset + size]
         return data + bytes(size - len(data))
+
+    def queue_required(self, index: int) -> bool:
+        """The standard's three queues; the draft's pair 0 only (see "The draft's queues")."""
+        return not self.wire.multiqueue or self.roles[index] in ((RX, 0), (TX, 0))
 
     def activate(self, memory: GuestMemory, queues: list[Queue],
                  interrupt: Callable[[int], None]) -> None:
@@ -278,8 +326,18 @@ class VsockDevice(VirtioDevice):
                      interrupt: Callable[[int], None]) -> None:
         self._memory, self._queues, self._interrupt = memory, queues, interrupt
         self.muxer.seqpacket = bool(self.acked_features & _F_SEQPACKET)
-        for index in (TXQ, RXQ, EVENTQ):
-            self._process(index)
+        lanes = 0
+        while lanes < self.pairs and queues[self._rx_index[lanes]] and queues[self._tx_index[lanes]]:
+            lanes += 1
+        if any(queues[i] for i in self._rx_index[lanes:] + self._tx_index[lanes:]):
+            self.errors.report("queue pair enabled after a missing one (ignored)", f"{lanes} pairs in use")
+        self.lanes = lanes
+        self.muxer.set_lanes(lanes)
+        for index, queue in enumerate(queues):
+            if queue is not None and self.roles[index][0] != RX:
+                self._process(index)
+        for lane in range(lanes):
+            self._process(self._rx_index[lane])
 
     def _do_reset(self) -> None:
         self.muxer.reset_all()
@@ -290,26 +348,34 @@ class VsockDevice(VirtioDevice):
 
     def _forget_queues(self) -> None:
         self._memory = self._queues = self._interrupt = None
-        self._rx_stock.clear()
-        self._rx_held.clear()
+        self.lanes = 0
+        for stock in self._rx_stock + self._rx_held:
+            stock.clear()
 
     def _do_transport_reset(self) -> None:
         self.metrics["transport_resets"] += 1
         self.muxer.reset_all()
-        if self._queues is not None:
+        if self._queues is not None and not self.wire.multiqueue:
             self._events_owed = 1        # one event says it all; resets coalesce
             self._process(EVENTQ)
 
     def _process(self, index: int) -> None:
         """Handle queue ``index`` (a kick, or a rescheduled batch), then interrupt if due."""
         self._more_scheduled.discard(index)
-        if self._queues is None:
+        if self._queues is None or self._queues[index] is None:
             return
-        if index == TXQ:
-            self._process_tx()
-        elif index == EVENTQ:
-            self._process_event()
-        self._process_rx()              # tx work and kicks of rx both end here
+        role, lane = self.roles[index]
+        if lane >= self.lanes:
+            return                       # a pair not in use
+        if role == TX:
+            self._process_tx(index, lane)
+        elif role == EVENT:
+            self._process_event(index)
+        elif role == CONTROL:
+            self._process_control(index)
+        for other in range(self.lanes):  # tx work and kicks of rx both end here
+            if other == lane or self.muxer.has_pending_rx(other):
+                self._process_rx(other)
         self._notify_guest()
 
     def _again(self, index: int) -> None:
@@ -317,61 +383,62 @@ class VsockDevice(VirtioDevice):
             self._more_scheduled.add(index)
             self.loop.call_soon(self._process, index)
 
-    def _process_tx(self) -> None:
+    def _process_tx(self, index: int, lane: int) -> None:
         """Pop tx chains a batch at a time (:meth:`Queue.pop_batch`), hand the
         batch's packets to the muxer in ring order (:meth:`VsockMuxer.on_guest_packets`
         groups a connection's consecutive data into one host write), and return the
         whole batch with one ``used.idx`` store (:meth:`Queue.add_used_batch`,
         used.len 0).  The payloads are views of guest RAM until then."""
-        tx = self._queues[TXQ]
+        tx = self._queues[index]
         budget = BATCH
         while True:
             tx.disable_notification()
             while chains := tx.pop_batch(budget):
                 try:
-                    self._handle_tx_batch(chains)
+                    self._handle_tx_batch(chains, lane)
                 finally:                 # even if the muxer raised: no chain stays in flight
                     tx.add_used_batch([(chain.head, 0) for chain in chains])
                 budget -= len(chains)
                 if budget == 0:
-                    self._again(TXQ)     # notifications stay off: we come back anyway
+                    self._again(index)   # notifications stay off: we come back anyway
                     return
             if not tx.enable_notification():
                 return
 
-    def _handle_tx_batch(self, chains) -> None:
+    def _handle_tx_batch(self, chains, lane: int) -> None:
         """Parse each chain; runs of good packets go to the muxer together, a bad
         chain is reported in its place in the order."""
         good = []
+        wire = self.wire
         for chain in chains:
             if chain.writable:
                 self.errors.report("tx chain with device-writable descriptors (ignored)", repr(chain))
             try:
-                good.append(parse_tx_chain(chain))
+                good.append(parse_tx_chain(chain, wire))
             except VsockPacketError as e:
                 if good:
-                    self.muxer.on_guest_packets(good)
+                    self.muxer.on_guest_packets(good, lane)
                     good = []
                 self.metrics["tx_bad_chains"] += 1
                 self.errors.report(e.reason, e.hdr.describe() if e.hdr else repr(chain))
                 if e.hdr is not None:
                     self.muxer.on_bad_guest_packet(e.hdr)
         if good:
-            self.muxer.on_guest_packets(good)
+            self.muxer.on_guest_packets(good, lane)
 
-    def _schedule_rx(self) -> None:
-        """The muxer has a packet for the guest (called on the I/O thread)."""
-        if not self._rx_scheduled:
-            self._rx_scheduled = True
-            self.loop.call_soon(self._run_rx)
+    def _schedule_rx(self, lane: int) -> None:
+        """The muxer has a packet for the guest on ``lane`` (called on the I/O thread)."""
+        if lane not in self._rx_scheduled:
+            self._rx_scheduled.add(lane)
+            self.loop.call_soon(self._run_rx, lane)
 
-    def _run_rx(self) -> None:
-        self._rx_scheduled = False
-        if self._queues is not None:
-            self._process_rx()
+    def _run_rx(self, lane: int) -> None:
+        self._rx_scheduled.discard(lane)
+        if self._queues is not None and lane < self.lanes:
+            self._process_rx(lane)
             self._notify_guest()
 
-    def _process_rx(self) -> None:
+    def _process_rx(self, lane: int) -> None:
         """Fill rx buffers while the muxer owes the guest packets.
 
         Chains are popped a batch at a time into the stock ``_rx_stock`` (the
@@ -388,27 +455,30 @@ class VsockDevice(VirtioDevice):
         aside (``_rx_held``, in flight) and offered first in later turns,
         so it neither stalls the buffers behind it nor makes the device spin.
         """
-        rx = self._queues[RXQ]
+        index = self._rx_index[lane]
+        rx = self._queues[index]
         used: list[tuple[int, int]] = []
         try:
-            self._fill_rx(rx, used)
+            self._fill_rx(rx, used, lane, index)
         finally:
             rx.add_used_batch(used)
 
-    def _fill_rx(self, rx: Queue, used: list[tuple[int, int]]) -> None:
+    def _fill_rx(self, rx: Queue, used: list[tuple[int, int]], lane: int, index: int) -> None:
         budget = BATCH
         want = RX_FIRST_BATCH
-        stock = self._rx_stock
-        held = self._rx_held
+        stock = self._rx_stock[lane]
+        held = self._rx_held[lane]
         muxer = self.muxer
-        while held and muxer.has_pending_rx():        # control packets fit header-only buffers
-            hdrs = muxer.fill_rx_burst([held[0]])
+        wire = self.wire
+        hdr_len = wire.hdr_len
+        while held and muxer.has_pending_rx(lane):    # control packets fit header-only buffers
+            hdrs = muxer.fill_rx_burst([held[0]], lane)
             if not hdrs:
                 break
             buf = held.popleft()
-            used.append((buf.head, VIRTIO_VSOCK_HDR_LEN + hdrs[0].len))
+            used.append((buf.head, hdr_len + hdrs[0].len))
             budget -= 1
-        while budget > 0 and muxer.has_pending_rx():
+        while budget > 0 and muxer.has_pending_rx(lane):
             if not stock:
                 chains = rx.pop_batch(min(want, budget))
                 if not chains:
@@ -416,31 +486,44 @@ class VsockDevice(VirtioDevice):
                         continue        # buffers arrived while we looked
                     return              # the guest will kick rx when it refills
                 want *= 2
-                stock.extend(RxBuffer(chain) for chain in chains)
+                stock.extend(RxBuffer(chain, wire) for chain in chains)
             buf = stock[0]
             if not buf.usable:
                 stock.popleft()
                 self.metrics["rx_bad_buffers"] += 1
-                self.errors.report("rx buffer shorter than the 44-byte header", repr(buf.chain))
+                self.errors.report(f"rx buffer shorter than the {hdr_len}-byte header", repr(buf.chain))
                 used.append((buf.head, 0))
                 continue
             offer = min(budget, RX_TURN_BUFFERS, len(stock))
-            hdrs = muxer.fill_rx_burst([buf] if offer == 1 else list(itertools.islice(stock, offer)))
+            hdrs = muxer.fill_rx_burst([buf] if offer == 1 else list(itertools.islice(stock, offer)), lane)
             if not hdrs:
                 if buf.capacity == 0:
                     held.append(stock.popleft())   # no control packet for it now: aside
                     continue
                 return                  # nothing to say right now; the stock waits
             for hdr in hdrs:
-                used.append((stock.popleft().head, VIRTIO_VSOCK_HDR_LEN + hdr.len))
+                used.append((stock.popleft().head, hdr_len + hdr.len))
             budget -= len(hdrs)
         if budget <= 0:
-            self._again(RXQ)
+            self._again(index)
 
-    def _process_event(self) -> None:
+    def _process_control(self, index: int) -> None:
+        """The draft's controlq: every buffer back with used length 0, counted."""
+        queue = self._queues[index]
+        queue.disable_notification()
+        while True:
+            while chains := queue.pop_batch(BATCH):
+                self.metrics["controlq_buffers"] += len(chains)
+                self.errors.report("controlq buffer (nothing is defined for it: used length 0)",
+                                   repr(chains[0]))
+                queue.add_used_batch([(chain.head, 0) for chain in chains])
+            if not queue.enable_notification():
+                return
+
+    def _process_event(self, index: int) -> None:
         """Post the events owed, popping as many buffers as are owed at a time;
         the buffers used go back with one ``used.idx`` store."""
-        ev = self._queues[EVENTQ]
+        ev = self._queues[index]
         used: list[tuple[int, int]] = []
         try:
             while self._events_owed:
@@ -465,7 +548,8 @@ class VsockDevice(VirtioDevice):
             return
         need = False
         for q in self._queues:          # every queue: each closes its own batch
-            need |= q.needs_notification()
+            if q is not None:
+                need |= q.needs_notification()
         if need:
             self.metrics["interrupts"] += 1
             self._interrupt(VIRTIO_MMIO_INT_VRING)
@@ -478,12 +562,16 @@ class _DeviceHost:
         self._device, self._loop, self._muxer = device, loop, muxer
         self.metrics = device.metrics
         self.host_errors = device.host_errors
+        self.datagrams = device.wire.datagrams
 
     def connect_host(self, port: int, vtype: int, stream: HostStream, *,
                      preamble: Callable[[int], bytes] | None = None,
                      on_connect: Callable[[bool], None] | None = None) -> bool:
         return self._muxer.connect_host(port, vtype, stream, preamble=preamble,
                                         on_connect=on_connect) is not None
+
+    def send_datagram(self, src_port: int, dst_port: int, data: bytes) -> bool:
+        return self._muxer.send_datagram(src_port, dst_port, data)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         self._loop.add_reader(fd, callback)

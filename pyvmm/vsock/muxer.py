@@ -39,6 +39,25 @@ tx processing never waits for rx.
 Guest packets whose addresses are wrong are dropped, not answered: a
 ``src_cid`` other than the guest's own CID, or a ``dst_cid`` other than the
 host (VMADDR_CID_HOST = 2), as Firecracker does.
+
+The wire format (:mod:`pyvmm.vsock.wire`) is given: which connection types
+exist, the handshake the connections run, and, in the 2013 draft, *lanes*
+(queue pairs) and datagrams.  With ``lanes`` > 1 every connection and
+datagram belongs to lane ``(local_port XOR peer_port) mod lanes``
+(:meth:`~pyvmm.vsock.wire.WireFormat.lane`): its packets for the guest go
+only into that lane's rx buffers (each lane has its own rx line and control
+queue), and a guest packet that arrives on another lane's tx queue is
+refused: a STREAM packet gets an RST on the right lane (and resets its
+connection), a datagram is dropped; both counted ("wrong_lane").
+
+Datagrams (draft only, type DGRAM): no connection and no credit.  A guest
+datagram to CID 2 port P is offered to each host service in order
+(:meth:`HostService.datagram_to_host`); a host datagram for the guest
+(:meth:`VsockMuxer.send_datagram`) waits in its lane's queue, at most
+:data:`DGRAM_MAX_QUEUED`, for an rx buffer.  Whatever cannot be delivered --
+no receiver, a full queue or host socket, more than
+:data:`~pyvmm.vsock.wire.DGRAM_MAX_PAYLOAD` bytes, an rx buffer too small --
+is dropped and counted ("dgram_dropped"), never queued without bound.
 """
 
 from __future__ import annotations
@@ -49,10 +68,12 @@ from typing import Callable, Protocol, Sequence
 from ..virtio.eventloop import EventLoop, TimerHandle
 from ..virtio.queue import GuestErrorLog
 from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, Connection, HostStream
-from .packet import (OP_REQUEST, OP_RST, OP_RW, SEQPACKET, STREAM, VMADDR_CID_HOST, RxBuffer, TxPacket,
-                     VsockHeader)
+from .packet import RxBuffer, TxPacket
+from .wire import (DGRAM, DGRAM_MAX_PAYLOAD, OP_REQUEST, OP_RST, OP_RW, SEQPACKET, STREAM, VIRTIO,
+                   VMADDR_CID_HOST, VsockHeader, WireFormat)
 
 __all__ = [
+    "DGRAM_MAX_QUEUED",
     "HOST_PORT_FIRST",
     "HOST_PORT_LAST",
     "HostService",
@@ -79,6 +100,8 @@ TX_BUFFER_BUDGET = 64 * 1024 * 1024
 #: next connection that owes the guest a packet gets its turn: one bulk stream cannot starve
 #: the others (fairness), and a turn is still one host read for the whole run
 RX_TURN_BUFFERS = 32
+#: host datagrams waiting for an rx buffer, per lane (draft mode); more are dropped and counted
+DGRAM_MAX_QUEUED = 256
 #: host-initiated connections get local ports from [2**30, 2**31) (Firecracker)
 HOST_PORT_FIRST = 1 << 30
 HOST_PORT_LAST = (1 << 31) - 1
@@ -92,7 +115,7 @@ METRIC_NAMES = (
     "host_connects", "guest_connects", "rst_sent", "rst_received", "control_dropped",
     "credit_violations", "credit_requests_sent", "seq_eor_rx", "guest_errors", "host_errors",
     "unix_accepted", "unix_handshake_errors", "events_sent", "transport_resets",
-    "interrupts",
+    "interrupts", "dgram_tx", "dgram_rx", "dgram_dropped", "wrong_lane", "controlq_buffers",
 )
 
 
@@ -111,6 +134,12 @@ class HostService(Protocol):
 
     def connect_guest(self, port: int, vtype: int, peer: tuple[int, int]) -> HostStream | None: ...
 
+    def datagram_to_host(self, port: int, peer: tuple[int, int], data: bytes) -> bool | None:
+        """A guest datagram to host ``port`` from ``peer`` = (cid, port): None if nobody
+        here receives on ``port`` (the muxer asks the next service), True if delivered,
+        False if dropped (a full host socket).  Draft mode only; by default: not mine."""
+        return None
+
 
 class VsockMuxer:
     """The connection table, the routing, and the rx scheduling (see module doc)."""
@@ -120,11 +149,15 @@ class VsockMuxer:
                  max_connections: int = MAX_CONNECTIONS,
                  max_control: int = MAX_CONTROL_PACKETS,
                  conn_buf_size: int = CONN_TX_BUF_SIZE,
-                 tx_buffer_budget: int = TX_BUFFER_BUDGET) -> None:
+                 tx_buffer_budget: int = TX_BUFFER_BUDGET,
+                 wire: WireFormat = VIRTIO, lanes: int = 1) -> None:
         if not CONN_TX_BUF_SIZE_MIN <= conn_buf_size <= tx_buffer_budget:
             raise ValueError(f"vsock connection window {conn_buf_size} is outside "
                              f"[{CONN_TX_BUF_SIZE_MIN}, {tx_buffer_budget}]")
         self.guest_cid = guest_cid
+        self.wire = wire
+        #: queue pairs in use (see the module docstring); the device sets it at DRIVER_OK
+        self.lanes = lanes
         self.loop = loop
         self.metrics = metrics if metrics is not None else new_metrics()
         self.errors = errors or GuestErrorLog("virtio-vsock (guest)")
@@ -135,25 +168,49 @@ class VsockMuxer:
         self.tx_buffer_budget = tx_buffer_budget
         #: the sum of the live connections' buf_alloc (bounded by tx_buffer_budget, see above)
         self.advertised = 0
-        #: whether VIRTIO_VSOCK_F_SEQPACKET was negotiated (the device sets it)
-        self.seqpacket = False
+        #: the connection types the guest may use now (SEQPACKET once negotiated: ``seqpacket``)
+        self._types = wire.stream_types - {SEQPACKET}
         #: asked in order for guest-initiated connections
         self.services: list[HostService] = []
-        #: called (on the loop thread) when a packet for the guest appears
-        self.on_rx_pending: Callable[[], None] = lambda: None
+        #: called (on the loop thread) with the lane when a packet for the guest appears
+        self.on_rx_pending: Callable[[int], None] = lambda lane: None
         self.connections: dict[tuple[int, int], Connection] = {}
-        self._control: collections.deque[VsockHeader] = collections.deque()
-        self._rxq: collections.deque[tuple[int, int]] = collections.deque()
-        self._in_rxq: set[tuple[int, int]] = set()
+        self._make_lanes()
         self._filling = False               # inside fill_rx_burst (see there)
         # per connection: [read interest, writing, timer, reader registered, reader callback]
         self._io: dict[tuple[int, int], list] = {}
         self._next_host_port = HOST_PORT_FIRST
         self._host_ports: collections.Counter[int] = collections.Counter()
 
+    def _make_lanes(self) -> None:
+        lanes = range(max(1, self.lanes))
+        #: per lane: RSTs for packets without a connection; host datagrams; connections owing packets
+        self._control: list[collections.deque[VsockHeader]] = [collections.deque() for _ in lanes]
+        self._dgrams: list[collections.deque[tuple[VsockHeader, bytes]]] = [collections.deque() for _ in lanes]
+        self._rxq: list[collections.deque[tuple[int, int]]] = [collections.deque() for _ in lanes]
+        self._in_rxq: list[set[tuple[int, int]]] = [set() for _ in lanes]
+
+    def set_lanes(self, lanes: int) -> None:
+        """The queue pairs the driver enabled (DRIVER_OK); only with no connection open."""
+        self.reset_all()
+        self.lanes = lanes
+        self._make_lanes()
+
+    @property
+    def seqpacket(self) -> bool:
+        """Whether VIRTIO_VSOCK_F_SEQPACKET was negotiated (the device sets it)."""
+        return SEQPACKET in self._types
+
+    @seqpacket.setter
+    def seqpacket(self, on: bool) -> None:
+        base = self.wire.stream_types - {SEQPACKET}
+        self._types = base | {SEQPACKET} if on and SEQPACKET in self.wire.stream_types else base
+
+    def _lane_of(self, port_a: int, port_b: int) -> int:
+        return (port_a ^ port_b) % self.lanes if self.lanes > 1 else 0
     # -- guest -> host ------------------------------------------------------------
-    def on_guest_packets(self, pkts: list[TxPacket]) -> None:
-        """Route a tx batch's well-formed packets, in order.
+    def on_guest_packets(self, pkts: list[TxPacket], lane: int = 0) -> None:
+        """Route a tx batch's well-formed packets (from lane ``lane``'s tx queue), in order.
 
         A run of consecutive STREAM RW packets with the same addresses goes to its
         connection as one :meth:`Connection.on_guest_stream_run` (one host write, one
@@ -162,6 +219,8 @@ class VsockMuxer:
         and a run keeps them in order, so the result is what routing each packet
         alone gives, with fewer system calls.
         """
+        if self.lanes > 1:
+            pkts = [pkt for pkt in pkts if self._on_its_lane(pkt.hdr, lane)]
         i, n = 0, len(pkts)
         while i < n:
             hdr = pkts[i].hdr
@@ -184,8 +243,24 @@ class VsockMuxer:
                 self._sync(conn)
             i = j
 
+    def _on_its_lane(self, hdr: VsockHeader, lane: int) -> bool:
+        """Whether ``hdr`` came on its own lane; if not, refuse it (module docstring)."""
+        right = self._lane_of(hdr.src_port, hdr.dst_port)
+        if right == lane:
+            return True
+        self.metrics["tx_packets"] += 1
+        self.metrics["wrong_lane"] += 1
+        self._guest_error("guest packet on the wrong queue pair", hdr)
+        if hdr.type != DGRAM and hdr.src_cid == self.guest_cid and hdr.dst_cid == VMADDR_CID_HOST:
+            conn = self.connections.get((hdr.dst_port, hdr.src_port))
+            if conn is not None:
+                self._reset_for(conn, hdr, "guest packet on the wrong queue pair")
+            else:
+                self._reply_rst(hdr)
+        return False
+
     def on_guest_packet(self, pkt: TxPacket) -> None:
-        """Route one well-formed guest packet (from the tx virtqueue)."""
+        """Route one well-formed guest packet (from its lane's tx virtqueue)."""
         hdr = pkt.hdr
         self.metrics["tx_packets"] += 1
         if hdr.src_cid != self.guest_cid:
@@ -194,9 +269,12 @@ class VsockMuxer:
         if hdr.dst_cid != VMADDR_CID_HOST:
             self._guest_error("guest packet for a CID other than the host (dropped)", hdr)
             return
+        if hdr.type == DGRAM and self.wire.datagrams:
+            self._guest_datagram(pkt)
+            return
         key = (hdr.dst_port, hdr.src_port)
         conn = self.connections.get(key)
-        if hdr.type not in (STREAM, SEQPACKET) or (hdr.type == SEQPACKET and not self.seqpacket):
+        if hdr.type not in self._types:
             self._guest_error("guest packet of an unknown or unnegotiated type", hdr)
             if conn is not None:
                 self._reset_for(conn, hdr, "guest packet of an unknown or unnegotiated type")
@@ -241,6 +319,38 @@ class VsockMuxer:
             conn.kill(reason)
         self._sync(conn)
 
+    def _guest_datagram(self, pkt: TxPacket) -> None:
+        """A guest datagram: to the first host service that receives on its port."""
+        hdr = pkt.hdr
+        if hdr.op != OP_RW or hdr.len > DGRAM_MAX_PAYLOAD:
+            self.metrics["dgram_dropped"] += 1
+            self._guest_error("guest datagram larger than 4096 bytes or not RW (dropped)", hdr)
+            return
+        data = pkt.payload_bytes()
+        for service in self.services:
+            delivered = service.datagram_to_host(hdr.dst_port, (hdr.src_cid, hdr.src_port), data)
+            if delivered is not None:
+                break
+        else:
+            delivered = False                       # nobody receives on that port
+        self.metrics["dgram_tx" if delivered else "dgram_dropped"] += 1
+
+    def send_datagram(self, src_port: int, dst_port: int, data: bytes) -> bool:
+        """Queue a host datagram for guest port ``dst_port``; False if dropped (counted):
+        no datagrams in this protocol, too large, or its lane's queue full."""
+        if not self.wire.datagrams or len(data) > DGRAM_MAX_PAYLOAD or not 0 <= dst_port <= 0xFFFF_FFFF:
+            self.metrics["dgram_dropped"] += 1
+            return False
+        lane = self._lane_of(src_port, dst_port)
+        queue = self._dgrams[lane]
+        if len(queue) >= DGRAM_MAX_QUEUED:
+            self.metrics["dgram_dropped"] += 1
+            return False
+        queue.append((VsockHeader(VMADDR_CID_HOST, self.guest_cid, src_port, dst_port, len(data), DGRAM,
+                                  OP_RW, 0, 0, 0), data))
+        self.on_rx_pending(lane)
+        return True
+
     def _guest_error(self, reason: str, hdr: VsockHeader) -> None:
         self.errors.report(reason, hdr.describe())
         self.metrics["guest_errors"] += 1
@@ -249,13 +359,15 @@ class VsockMuxer:
         """Queue an RST for a packet with no connection (echoes its type, as Linux does)."""
         if hdr.op == OP_RST:
             return
-        if len(self._control) >= self.max_control:
+        lane = self._lane_of(hdr.src_port, hdr.dst_port)
+        control = self._control[lane]
+        if sum(len(c) for c in self._control) >= self.max_control:
             self.metrics["control_dropped"] += 1
             self.errors.report("control queue full: RST dropped", hdr.describe())
             return
-        self._control.append(VsockHeader(VMADDR_CID_HOST, self.guest_cid, hdr.dst_port, hdr.src_port,
-                                         0, hdr.type, OP_RST, 0, 0, 0))
-        self.on_rx_pending()
+        control.append(VsockHeader(VMADDR_CID_HOST, self.guest_cid, hdr.dst_port, hdr.src_port,
+                                   0, hdr.type, OP_RST, 0, 0, 0))
+        self.on_rx_pending(lane)
 
     def _guest_request(self, hdr: VsockHeader) -> None:
         if len(self.connections) >= self.max_connections:
@@ -276,7 +388,8 @@ class VsockMuxer:
             self._reply_rst(hdr)
             return
         self.metrics["guest_connects"] += 1
-        conn = Connection.peer_init(hdr, stream, **self._conn_kw())
+        conn = Connection.peer_init(hdr, stream, lane=self._lane_of(hdr.src_port, hdr.dst_port),
+                                    **self._conn_kw())
         self._add(conn)
 
     def _conn_kw(self) -> dict:
@@ -284,7 +397,7 @@ class VsockMuxer:
         if self.advertised + window > self.tx_buffer_budget:
             window = CONN_TX_BUF_SIZE_MIN
         return dict(metrics=self.metrics, errors=self.errors, host_errors=self.host_errors,
-                    buf_alloc=window)
+                    buf_alloc=window, wire=self.wire)
 
     # -- host -> guest connections ---------------------------------------------------
     def connect_host(self, peer_port: int, vtype: int, stream: HostStream, *,
@@ -297,7 +410,7 @@ class VsockMuxer:
         called once with the outcome.  None if it cannot even start (table
         full, SEQPACKET not negotiated, bad type); the caller closes ``stream``.
         """
-        if vtype not in (STREAM, SEQPACKET) or (vtype == SEQPACKET and not self.seqpacket):
+        if vtype not in self._types:
             return None
         if not 0 <= peer_port <= 0xFFFF_FFFF or len(self.connections) >= self.max_connections:
             self.metrics["conns_refused"] += 1
@@ -307,7 +420,8 @@ class VsockMuxer:
                                      peer_port=peer_port, vtype=vtype, stream=stream,
                                      now=self.loop.time(),
                                      preamble=preamble(local_port) if preamble else b"",
-                                     on_connect=on_connect, **self._conn_kw())
+                                     on_connect=on_connect, lane=self._lane_of(local_port, peer_port),
+                                     **self._conn_kw())
         self.metrics["host_connects"] += 1
         self._host_ports[local_port] += 1
         self._add(conn)
@@ -339,7 +453,7 @@ class VsockMuxer:
         _interest, writing, timer, reading, _reader = self._io.pop(key)
         if timer is not None:
             timer.cancel()
-        self._in_rxq.discard(key)             # a stale key left in _rxq is skipped
+        self._in_rxq[conn.lane].discard(key)  # a stale key left in _rxq is skipped
         if key[0] in self._host_ports:
             self._host_ports[key[0]] -= 1
             if self._host_ports[key[0]] <= 0:
@@ -397,11 +511,13 @@ class VsockMuxer:
             if timer is not None:
                 timer.cancel()
             io[2] = self.loop.call_at(conn.expiry, self._on_timer, key)
-        if conn.has_pending_rx() and key not in self._in_rxq:
-            self._in_rxq.add(key)
-            self._rxq.append(key)
-            if not self._filling:
-                self.on_rx_pending()
+        if conn.has_pending_rx():
+            in_rxq = self._in_rxq[conn.lane]
+            if key not in in_rxq:
+                in_rxq.add(key)
+                self._rxq[conn.lane].append(key)
+                if not self._filling:
+                    self.on_rx_pending(conn.lane)
 
     def _on_readable(self, key: tuple[int, int]) -> None:
         conn = self.connections.get(key)
@@ -431,15 +547,15 @@ class VsockMuxer:
             self._sync(conn)
 
     # -- host -> guest: filling rx buffers ---------------------------------------------
-    def has_pending_rx(self) -> bool:
-        return bool(self._control or self._in_rxq)
+    def has_pending_rx(self, lane: int = 0) -> bool:
+        return bool(self._control[lane] or self._in_rxq[lane] or self._dgrams[lane])
 
-    def fill_rx(self, rx: RxBuffer) -> VsockHeader | None:
+    def fill_rx(self, rx: RxBuffer, lane: int = 0) -> VsockHeader | None:
         """Write the next packet owed to the guest into ``rx``; its header, or None."""
-        hdrs = self.fill_rx_burst([rx])
+        hdrs = self.fill_rx_burst([rx], lane)
         return hdrs[0] if hdrs else None
 
-    def fill_rx_burst(self, bufs: Sequence[RxBuffer]) -> list[VsockHeader]:
+    def fill_rx_burst(self, bufs: Sequence[RxBuffer], lane: int = 0) -> list[VsockHeader]:
         """Fill rx buffers from the front of ``bufs`` for ONE connection (or one
         control RST); the headers of the buffers filled, a prefix of ``bufs``.
 
@@ -450,24 +566,38 @@ class VsockMuxer:
         does not call ``on_rx_pending``: the device is filling and asks
         :meth:`has_pending_rx` itself, and a connection that has nothing for
         these buffers (a header-only buffer while an RW is owed) must not
-        schedule another fill of the same buffers (that would spin).
+        schedule another fill of the same buffers (that would spin).  Only lane
+        ``lane``'s packets go into ``bufs``: its control RSTs first, then its
+        datagrams (one per buffer), then its connections.
         """
-        if self._control:
-            hdr = self._control.popleft()
+        if self._control[lane]:
+            hdr = self._control[lane].popleft()
             bufs[0].write_header(hdr)
             self.metrics["rx_packets"] += 1
             self.metrics["rst_sent"] += 1
+            return [hdr]
+        dgrams = self._dgrams[lane]
+        while dgrams and bufs[0].capacity:
+            hdr, data = dgrams.popleft()
+            if len(data) > bufs[0].capacity:
+                self.metrics["dgram_dropped"] += 1      # the guest's buffers are too small for it
+                continue
+            bufs[0].write_payload(data)
+            bufs[0].write_header(hdr)
+            self.metrics["rx_packets"] += 1
+            self.metrics["dgram_rx"] += 1
             return [hdr]
         if len(bufs) > RX_TURN_BUFFERS:
             bufs = bufs[:RX_TURN_BUFFERS]
         now = self.loop.time()
         self._filling = True
+        rxq, in_rxq = self._rxq[lane], self._in_rxq[lane]
         try:
-            for _ in range(len(self._rxq)):
-                key = self._rxq.popleft()
-                if key not in self._in_rxq:
+            for _ in range(len(rxq)):
+                key = rxq.popleft()
+                if key not in in_rxq:
                     continue                        # removed meanwhile
-                self._in_rxq.discard(key)
+                in_rxq.discard(key)
                 conn = self.connections[key]
                 hdrs = conn.fill_rx_burst(bufs, now)
                 self._sync(conn)                    # back in line if it owes more
@@ -484,9 +614,9 @@ class VsockMuxer:
         for conn in list(self.connections.values()):
             conn.abort()
             self._remove(conn)
-        self._control.clear()
-        self._rxq.clear()
-        self._in_rxq.clear()
+        for queues in (self._control, self._dgrams, self._rxq, self._in_rxq):
+            for queue in queues:
+                queue.clear()
 
 
 def _fileno(stream) -> int:

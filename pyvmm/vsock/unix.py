@@ -71,21 +71,24 @@ import re
 import select
 import socket
 import stat
+import struct
 import threading
 
 from ..errors import ConfigError
-from .backend import VsockHost
+from .backend import VsockBackend, VsockHost
 from .connection import CONN_REQUEST_TIMEOUT, HostStream
-from .packet import VirtioVsockType
+from .wire import DGRAM_MAX_PAYLOAD, VMADDR_PORT_ANY, VirtioVsockType
 
 __all__ = [
     "CONNECT_LINE_MAX",
     "CONNECT_TIMEOUT",
+    "DGRAM_SUFFIX",
     "MAX_HANDSHAKES",
     "SEQPACKET_SUFFIX",
     "SocketStream",
     "UnixBackend",
     "VsockApi",
+    "VsockDatagram",
     "VsockListener",
     "default_backends",
     "parse_connect_line",
@@ -107,6 +110,11 @@ MAX_HANDSHAKES = 64
 _ACCEPT_BATCH = 16
 #: the SOCK_SEQPACKET listener is ``uds_path + SEQPACKET_SUFFIX``
 SEQPACKET_SUFFIX = ".seqpacket"
+#: draft mode: host datagrams for the guest go to ``uds_path + DGRAM_SUFFIX``; guest
+#: datagrams to host port P go to ``<uds_path>_<P> + DGRAM_SUFFIX``
+DGRAM_SUFFIX = ".dgram"
+#: host datagrams read per wake-up of the datagram socket
+_DGRAM_BATCH = 64
 _PORT = re.compile(r"\+?[0-9]+")
 
 
@@ -196,14 +204,15 @@ def _bind_listener(path: str, kind: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
-        sock.listen(128)
+        if kind != socket.SOCK_DGRAM:
+            sock.listen(128)
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on vsock uds path {path!r}: {e}") from e
     return sock
 
 
-class UnixBackend:
+class UnixBackend(VsockBackend):
     """Firecracker's Unix-socket host end (see the module docstring); a VsockBackend."""
 
     def __init__(self, uds_path: str, *, connect_timeout: float = CONNECT_TIMEOUT,
@@ -215,6 +224,9 @@ class UnixBackend:
         self.host: VsockHost | None = None
         self._listeners: list[tuple[socket.socket, str, int]] = []
         self._handshakes: dict[int, _Handshake] = {}
+        self.dgram_path = uds_path + DGRAM_SUFFIX
+        self._dgram: socket.socket | None = None
+        self._dgram_source = re.compile(re.escape(uds_path) + r"_([0-9]+)" + re.escape(DGRAM_SUFFIX))
 
     # -- VsockBackend: lifetime ------------------------------------------------------------
     def attach(self, host: VsockHost) -> None:
@@ -225,14 +237,22 @@ class UnixBackend:
         self.host_errors = host.host_errors
         for path, vtype in ((self.uds_path, STREAM), (self.seqpacket_path, SEQPACKET)):
             self._listeners.append((_bind_listener(path, _SOCK_TYPE[vtype]), path, vtype))
+        if host.datagrams:
+            self._dgram = _bind_listener(self.dgram_path, socket.SOCK_DGRAM)
 
     def start(self) -> None:
-        """Start accepting on both listeners (loop thread)."""
+        """Start accepting on both listeners, and reading host datagrams (loop thread)."""
         for sock, _path, vtype in self._listeners:
             self.host.add_reader(sock.fileno(), lambda s=sock, t=vtype: self._on_accept(s, t))
+        if self._dgram is not None:
+            self.host.add_reader(self._dgram.fileno(), self._on_datagrams)
 
     def stop(self) -> None:
-        """Close and unlink both listeners, drop unfinished handshakes (idempotent)."""
+        """Close and unlink both listeners and the datagram socket, drop unfinished
+        handshakes (idempotent)."""
+        if self._dgram is not None:
+            self._listeners.append((self._dgram, self.dgram_path, 0))
+            self._dgram = None
         for sock, path, _vtype in self._listeners:
             self.host.remove_fd(sock.fileno())
             sock.close()
@@ -339,6 +359,47 @@ class UnixBackend:
         if close:
             hs.sock.close()
 
+    # -- datagrams (draft mode) -------------------------------------------------------------
+    def _on_datagrams(self) -> None:
+        """Host datagrams on ``uds_path.dgram``: ``<guest port>\\n<payload>`` each; the
+        source port is Q if the sender is bound at ``<uds_path>_<Q>.dgram``, else
+        VMADDR_PORT_ANY (the guest cannot answer)."""
+        for _ in range(_DGRAM_BATCH):
+            try:
+                data, _anc, flags, addr = self._dgram.recvmsg(DGRAM_MAX_PAYLOAD + CONNECT_LINE_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.host_errors.report("recvmsg on the vsock datagram socket failed", str(e))
+                return
+            line, nl, payload = data.partition(b"\n")
+            port = int(line) if nl and _PORT.fullmatch(line.decode("ascii", "replace")) else None
+            if port is None or port > 0xFFFF_FFFF or flags & socket.MSG_TRUNC:
+                self.host_errors.report("host datagram without a '<port>\\n' line, or too large (dropped)",
+                                        repr(data[:CONNECT_LINE_MAX]))
+                self.metrics["dgram_dropped"] += 1
+                continue
+            source = self._dgram_source.fullmatch(addr) if isinstance(addr, str) else None
+            src_port = int(source.group(1)) if source and int(source.group(1)) <= 0xFFFF_FFFF else VMADDR_PORT_ANY
+            self.host.send_datagram(src_port, port, payload)
+
+    def datagram_to_host(self, port: int, peer: tuple[int, int], data: bytes) -> bool | None:
+        """A guest datagram: to ``<uds_path>_<port>.dgram`` as ``<guest port>\\n<payload>``,
+        sent from ``uds_path.dgram`` (where answers go).  None if nobody is bound there."""
+        if self._dgram is None:
+            return None
+        path = f"{self.uds_path}_{port}{DGRAM_SUFFIX}"
+        try:
+            self._dgram.sendto(b"%d\n" % peer[1] + data, path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except BlockingIOError:
+            return False                # the receiver's queue is full
+        except OSError as e:
+            self.host_errors.report("send to <uds_path>_<port>.dgram failed", f"{path}: {e}")
+            return False
+        return True
+
     # -- VsockBackend: guest -> host, <uds_path>_<port> ------------------------------------
     def connect_guest(self, port: int, vtype: int, peer: tuple[int, int]) -> HostStream | None:
         path = f"{self.uds_path}_{port}"
@@ -406,13 +467,72 @@ class VsockListener:
         self.close()
 
 
-class VsockApi:
+class VsockDatagram:
+    """Datagrams on host port ``port`` (draft mode, ``VsockApi.dgram``).
+
+    ``sendto(data, guest_port)`` queues one datagram (at most 4096 bytes) for the
+    guest, fire and forget (a drop is counted in ``dgram_dropped``);
+    ``recvfrom(timeout)`` returns ``(data, (guest_cid, guest_port))`` of the next
+    guest datagram to ``port`` (TimeoutError).  Guest datagrams that find the
+    queue full (the socket buffer of an internal socket pair) are dropped.
+    """
+
+    _PEER = struct.Struct("<II")
+
+    def __init__(self, api: VsockApi, port: int) -> None:
+        self.api = api
+        self.port = port
+        self._user, self._ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._ours.setblocking(False)
+        self.closed = False
+
+    def sendto(self, data: bytes, guest_port: int) -> None:
+        if self.closed:
+            raise OSError("vsock datagram socket is closed")
+        if not 0 <= guest_port <= 0xFFFF_FFFF:
+            raise ValueError(f"vsock port {guest_port} is not a u32")
+        if len(data) > DGRAM_MAX_PAYLOAD:
+            raise ValueError(f"a vsock datagram holds at most {DGRAM_MAX_PAYLOAD} bytes")
+        host = self.api.host
+        host.call_soon_threadsafe(host.send_datagram, self.port, guest_port, bytes(data))
+
+    def recvfrom(self, timeout: float | None = None) -> tuple[bytes, tuple[int, int]]:
+        self._user.settimeout(timeout)
+        try:
+            msg = self._user.recv(DGRAM_MAX_PAYLOAD + self._PEER.size)
+        except (socket.timeout, BlockingIOError):
+            raise TimeoutError(f"no guest datagram to port {self.port} within {timeout} s") from None
+        return msg[self._PEER.size:], self._PEER.unpack_from(msg)
+
+    def _deliver(self, peer: tuple[int, int], data: bytes) -> bool:
+        try:
+            self._ours.send(self._PEER.pack(*peer) + data)
+            return True
+        except OSError:                 # full (BlockingIOError), or closed
+            return False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.api._undgram(self)
+            self._user.close()
+            self._ours.close()
+
+    def __enter__(self) -> VsockDatagram:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class VsockApi(VsockBackend):
     """The Python face of the device (see the module docstring); a
     VsockBackend; thread-safe."""
 
     def __init__(self) -> None:
         self._host: VsockHost | None = None
         self._listeners: dict[int, VsockListener] = {}
+        self._dgrams: dict[int, VsockDatagram] = {}
         self._lock = threading.Lock()
 
     # -- VsockBackend: lifetime -------------------------------------------------------------
@@ -506,6 +626,30 @@ class VsockApi:
             ours.close()
             raise ConnectionRefusedError("Python listener backlog full")
         return SocketStream(ours)
+
+    # -- datagrams (draft mode) -------------------------------------------------------------
+    def dgram(self, port: int) -> VsockDatagram:
+        """Send and receive datagrams on host port ``port`` (proto=rfc2013 only)."""
+        if not self.host.datagrams:
+            raise OSError("vsock datagrams need proto=rfc2013")
+        if not 0 <= port <= 0xFFFF_FFFF:
+            raise ValueError(f"vsock port {port} is not a u32")
+        with self._lock:
+            if port in self._dgrams:
+                raise OSError(f"vsock datagram port {port} is already bound in Python")
+            dgram = self._dgrams[port] = VsockDatagram(self, port)
+        return dgram
+
+    def _undgram(self, dgram: VsockDatagram) -> None:
+        with self._lock:
+            if self._dgrams.get(dgram.port) is dgram:
+                del self._dgrams[dgram.port]
+
+    def datagram_to_host(self, port: int, peer: tuple[int, int], data: bytes) -> bool | None:
+        """VsockBackend: a guest datagram to ``port`` (loop thread)."""
+        with self._lock:
+            dgram = self._dgrams.get(port)
+        return None if dgram is None else dgram._deliver(peer, data)
 
     # -- observing ----------------------------------------------------------------------
     def counters(self) -> dict:

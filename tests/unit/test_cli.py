@@ -139,3 +139,22 @@ def test_vsock_window_option():
 def test_vsock_window_out_of_range(elf):
     assert_one_line_error(pyvmm("run", "--kernel", elf, "--vsock", "3,buf=4K"),
                           "vsock connection window")
+
+
+def test_vsock_proto_and_pairs_options():
+    cfg = cli.parse_vsock("3,uds=/tmp/v.sock,proto=rfc2013,pairs=4")
+    assert (cfg.proto, cfg.pairs) == ("rfc2013", 4)
+    assert cli.parse_vsock("3,proto=rfc2013").pairs is None          # one per vCPU
+    assert cli.parse_vsock("3").proto == "virtio"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("3,proto=rfc2014", "unknown proto 'rfc2014'"),
+    ("3,proto=rfc2013,pairs=0", "pairs must be 1 .. 16"),
+    ("3,proto=rfc2013,pairs=17", "pairs must be 1 .. 16"),
+    ("3,pairs=2", "pairs= needs proto=rfc2013"),
+])
+def test_vsock_proto_and_pairs_errors_are_one_line_and_exit_2(spec, message):
+    result = pyvmm("run", "--kernel", "/nonexistent", "--vsock", spec)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr      # after argparse's usage

@@ -60,8 +60,8 @@ def test_tx_batch_is_seen_whole_then_returned_once(guest, uds, stores):
     guest.tx_done()
     seen = []
     real = guest.dev.muxer.on_guest_packets
-    guest.dev.muxer.on_guest_packets = lambda pkts: (
-        seen.extend([int(guest.txq.used_idx_view[0])] * len(pkts)), real(pkts))
+    guest.dev.muxer.on_guest_packets = lambda pkts, lane: (
+        seen.extend([int(guest.txq.used_idx_view[0])] * len(pkts)), real(pkts, lane))
     before = int(guest.txq.used_idx_view[0])
     stores.clear()
     for i in range(10):
@@ -121,7 +121,8 @@ def test_rx_batch_returned_once(uds):
         count = count_used_idx_stores(g.dev._queues[RXQ])
         seen = []
         fill = g.dev.muxer.fill_rx_burst
-        g.dev.muxer.fill_rx_burst = lambda bufs: (seen.append(int(g.rxq.used_idx_view[0])), fill(bufs))[1]
+        g.dev.muxer.fill_rx_burst = lambda bufs, lane: (seen.append(int(g.rxq.used_idx_view[0])),
+                                                         fill(bufs, lane))[1]
         before = int(g.rxq.used_idx_view[0])
         conn.sendall(bytes(range(250)) * 20)         # 5000 bytes: 5 packets of 1000
         g.pump()
@@ -180,10 +181,10 @@ def test_rx_chains_popped_ahead_are_kept_for_later(uds):
             conn.sendall(bytes([48 + i]) * 10)
             pkts = g.take()
             assert [p for _, p in pkts] == [bytes([48 + i]) * 10]
-        assert len(g.dev._rx_stock) > 0
-        assert g.dev._queues[RXQ].in_flight == len(g.dev._rx_stock) + len(g.dev._rx_held)
+        assert len(g.dev._rx_stock[0]) > 0
+        assert g.dev._queues[RXQ].in_flight == len(g.dev._rx_stock[0]) + len(g.dev._rx_held[0])
         g.drv.reset()                                   # a reset forgets them
-        assert len(g.dev._rx_stock) == 0
+        assert len(g.dev._rx_stock[0]) == 0
     finally:
         g.close()
 

@@ -15,8 +15,8 @@ from pyvmm.virtio.queue import GuestErrorLog
 from pyvmm.vsock.connection import (CONN_REQUEST_TIMEOUT, CONN_SHUTDOWN_TIMEOUT, CONN_TX_BUF_SIZE,
                                     SEQPACKET_MAX_QUEUED, Connection, ConnState, PendingRx)
 from pyvmm.vsock.muxer import new_metrics
-from pyvmm.vsock.packet import (RxBuffer, VirtioVsockOp, VirtioVsockSeqFlag, VirtioVsockShutdown,
-                                VsockHeader)
+from pyvmm.vsock.packet import RxBuffer
+from pyvmm.vsock.wire import VirtioVsockOp, VirtioVsockSeqFlag, VirtioVsockShutdown, VsockHeader
 from vsock_guest import GUEST_CID, SEQPACKET, STREAM, FakeChain, FakeStream
 
 Op = VirtioVsockOp

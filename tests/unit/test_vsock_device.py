@@ -20,7 +20,7 @@ from pyvmm.virtio.device import DeviceStatus, VirtioFeature, feature_mask
 from pyvmm.vsock.connection import (CONN_CREDIT_UPDATE_THRESHOLD, CONN_SHUTDOWN_TIMEOUT,
                                     CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN)
 from pyvmm.vsock.muxer import HOST_PORT_FIRST
-from pyvmm.vsock.packet import VirtioVsockFeature, VirtioVsockSeqFlag, VirtioVsockShutdown
+from pyvmm.vsock.wire import VirtioVsockFeature, VirtioVsockSeqFlag, VirtioVsockShutdown
 from vsock_guest import GUEST_CID, HOST_CID, SEQPACKET, STREAM, Guest, Op, hdr, ops
 
 RCV = VirtioVsockShutdown.VIRTIO_VSOCK_SHUTDOWN_RCV

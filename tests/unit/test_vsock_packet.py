@@ -8,9 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyvmm.vsock.packet import (HDR, VIRTIO_VSOCK_HDR_LEN, VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, RxBuffer,
-                                VirtioVsockOp, VsockHeader, VsockPacketError, parse_tx_chain,
-                                slice_views)
+from pyvmm.vsock.packet import RxBuffer, VsockPacketError, parse_tx_chain, slice_views
+from pyvmm.vsock.wire import HDR, VIRTIO_VSOCK_HDR_LEN, VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VirtioVsockOp, VsockHeader
 from vsock_guest import FakeChain
 
 

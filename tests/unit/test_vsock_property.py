@@ -10,7 +10,7 @@ import socket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvmm.vsock.packet import VirtioVsockSeqFlag
+from pyvmm.vsock.wire import VirtioVsockSeqFlag
 from vsock_guest import SEQPACKET, STREAM, Guest, Op, hdr
 
 EOM = VirtioVsockSeqFlag.VIRTIO_VSOCK_SEQ_EOM

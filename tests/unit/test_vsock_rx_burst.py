@@ -16,7 +16,8 @@ import socket
 
 from pyvmm.vsock.connection import RX_IOV_MAX, Connection, PendingRx
 from pyvmm.vsock.muxer import RX_TURN_BUFFERS
-from pyvmm.vsock.packet import RxBuffer, VirtioVsockSeqFlag, VirtioVsockShutdown, VsockHeader
+from pyvmm.vsock.packet import RxBuffer
+from pyvmm.vsock.wire import VirtioVsockSeqFlag, VirtioVsockShutdown, VsockHeader
 from test_vsock_connection import G, established, kw, rx
 from test_vsock_device import host_connect
 from vsock_guest import SEQPACKET, FakeChain, FakeStream, Guest, Op

@@ -9,7 +9,11 @@ with a fake clock; probes it with
 queues, ``guest_cid`` read as two 32-bit halves, DRIVER_OK, rx filled, 8
 event buffers of 4 bytes), and then plays the guest's vsock driver by hand:
 ``send()`` puts a packet on tx and kicks, ``recv()`` collects rx packets (and
-checks used.len = 44 + len) and refills.  No I/O thread: ``pump()`` runs
+checks used.len = 44 + len) and refills.  ``wire=RFC2013`` plays pyvmm's own
+draft driver instead: device ID 13, the controlq (if ``controlq``) and
+``use_pairs`` of the device's ``pairs`` rx/tx pairs, each packet on its pair
+(``lane``: ``(src_port ^ dst_port) % use_pairs`` unless given), the 39-byte
+header; ``recv(with_lane=True)`` says which pair a packet came on.  No I/O thread: ``pump()`` runs
 the loop on the test thread until nothing more happens (or a test starts
 the thread: ``loop.start_thread()``).
 """
@@ -25,8 +29,8 @@ from pyvmm.virtio.eventloop import EventLoop
 from pyvmm.virtio.mmio import MmioTransport
 from pyvmm.virtio.mock import MockDriver
 from pyvmm.vsock import VsockDevice, default_backends
-from pyvmm.vsock.packet import (HDR, VIRTIO_VSOCK_HDR_LEN, VirtioVsockOp, VirtioVsockType,
-                                VsockHeader)
+from pyvmm.vsock.wire import (HDR, VIRTIO, VIRTIO_VSOCK_HDR_LEN, VirtioVsockOp, VirtioVsockType, VsockHeader,
+                              WireFormat)
 
 Op = VirtioVsockOp
 STREAM = VirtioVsockType.VIRTIO_VSOCK_TYPE_STREAM
@@ -61,7 +65,10 @@ class Guest:
     def __init__(self, uds_path: str | None = None, *, cid: int = GUEST_CID, rx_buffers: int = 64,
                  rx_layout: str = "split", rx_payload: int = 4096, features: int | None = None,
                  mem_mib: int = 64, backends: list | None = None, loop: EventLoop | None = None,
-                 **dev_kw) -> None:
+                 wire: WireFormat = VIRTIO, pairs: int = 1, use_pairs: int | None = None,
+                 controlq: bool = False, **dev_kw) -> None:
+        self.wire = wire
+        self.use_pairs = pairs if use_pairs is None else use_pairs
         self.clock = FakeClock()
         self._own_loop = loop is None
         self.loop = EventLoop(self.clock) if self._own_loop else loop
@@ -70,6 +77,8 @@ class Guest:
         self.unix = machine_backends[1] if uds_path else None
         if backends is None:
             backends = machine_backends
+        if wire.multiqueue:
+            dev_kw.update(wire=wire, pairs=pairs)
         self.dev = VsockDevice(cid, backends, **dev_kw)
         try:
             self.dev.attach_loop(self.loop)     # the Unix backend binds here
@@ -83,17 +92,33 @@ class Guest:
         self.drv = MockDriver(self.memory, self.transport)
         self.rx_layout = rx_layout
         self.rx_payload = rx_payload
-        if not self.drv.negotiate(features) or not self.drv.setup_queues(3):
-            raise AssertionError("vsock probe failed")
-        self.cid_read = struct.unpack("<Q", self.drv.read_config(0, 8))[0]
-        self.drv.driver_ok()
-        self.rxq, self.txq, self.evq = self.drv.queues
-        for _ in range(rx_buffers):
-            self.add_rx()
-        self.rxq.kick(force=True)
-        for _ in range(8):
-            self.evq.add_chain(writable=[4])
-        self.evq.kick(force=True)
+        if wire.multiqueue:
+            if not self.drv.negotiate(features):
+                raise AssertionError("vsock probe failed")
+            self.cid_read, self.pairs_read = struct.unpack("<II", self.drv.read_config(0, 8))
+            self.controlq = self.drv.setup_queue(0) if controlq else None
+            self.rxqs, self.txqs = [], []
+            for lane in range(self.use_pairs):
+                self.rxqs.append(self.drv.setup_queue(2 * lane + 1))
+                self.txqs.append(self.drv.setup_queue(2 * lane + 2))
+            self.drv.driver_ok()
+            self.evq = None
+        else:
+            if not self.drv.negotiate(features) or not self.drv.setup_queues(3):
+                raise AssertionError("vsock probe failed")
+            self.cid_read = struct.unpack("<Q", self.drv.read_config(0, 8))[0]
+            self.drv.driver_ok()
+            rxq, txq, self.evq = self.drv.queues
+            self.rxqs, self.txqs = [rxq], [txq]
+        self.rxq, self.txq = self.rxqs[0], self.txqs[0]
+        for rxq in self.rxqs:
+            for _ in range(rx_buffers):
+                self.add_rx(rxq=rxq)
+            rxq.kick(force=True)
+        if self.evq is not None:
+            for _ in range(8):
+                self.evq.add_chain(writable=[4])
+            self.evq.kick(force=True)
         self.pending: list[tuple[VsockHeader, bytes]] = []
 
     def _irq(self) -> None:
@@ -113,31 +138,39 @@ class Guest:
                 raise AssertionError("no rx packet from the device in time")
 
     # -- rx -------------------------------------------------------------------------
-    def add_rx(self, layout: str | None = None, payload: int | None = None) -> int:
+    def add_rx(self, layout: str | None = None, payload: int | None = None, *, rxq=None) -> int:
         layout = layout or self.rx_layout
         payload = self.rx_payload if payload is None else payload
+        rxq = rxq or self.rxq
+        hdr_len = self.wire.hdr_len
         if layout == "split":           # Linux <= 6.1: header descriptor + payload descriptor
-            return self.rxq.add_chain(writable=[VIRTIO_VSOCK_HDR_LEN, payload])
+            return rxq.add_chain(writable=[hdr_len, payload])
         if layout == "single":          # Linux 6.2+: one descriptor
-            return self.rxq.add_chain(writable=[VIRTIO_VSOCK_HDR_LEN + payload])
+            return rxq.add_chain(writable=[hdr_len + payload])
         if layout == "scattered":       # header itself split, payload in pieces
-            return self.rxq.add_chain(writable=[20, 24 + payload // 2, payload - payload // 2])
+            return rxq.add_chain(writable=[20, hdr_len - 20 + payload // 2, payload - payload // 2])
         raise ValueError(layout)
 
-    def recv(self, refill: bool = True) -> list[tuple[VsockHeader, bytes]]:
-        """Every rx packet the device completed since the last call (checked)."""
+    def recv(self, refill: bool = True, *, with_lane: bool = False) -> list:
+        """Every rx packet the device completed since the last call (checked):
+        ``(hdr, payload)``, or ``(lane, hdr, payload)`` if ``with_lane``."""
         out = []
-        for used in self.rxq.used():
-            if used.len < VIRTIO_VSOCK_HDR_LEN:
-                raise AssertionError(f"rx used.len {used.len} < 44")
-            h = VsockHeader.unpack(used.data)
-            if used.len != VIRTIO_VSOCK_HDR_LEN + h.len:
-                raise AssertionError(f"used.len {used.len} != 44 + hdr.len {h.len}")
-            out.append((h, used.data[VIRTIO_VSOCK_HDR_LEN:used.len]))
-            if refill:
-                self.add_rx()
-        if out and refill:
-            self.rxq.kick()
+        hdr_len = self.wire.hdr_len
+        for lane, rxq in enumerate(self.rxqs):
+            got = 0
+            for used in rxq.used():
+                if used.len < hdr_len:
+                    raise AssertionError(f"rx used.len {used.len} < {hdr_len}")
+                h = self.wire.unpack(used.data)
+                if used.len != hdr_len + h.len:
+                    raise AssertionError(f"used.len {used.len} != {hdr_len} + hdr.len {h.len}")
+                payload = used.data[hdr_len:used.len]
+                out.append((lane, h, payload) if with_lane else (h, payload))
+                got += 1
+                if refill:
+                    self.add_rx(rxq=rxq)
+            if got and refill:
+                rxq.kick()
         return out
 
     def take(self) -> list[tuple[VsockHeader, bytes]]:
@@ -148,23 +181,31 @@ class Guest:
     # -- tx ---------------------------------------------------------------------------
     def send(self, op: int, src_port: int, dst_port: int, payload: bytes = b"", *,
              parts: list[bytes] | None = None, kick: bool = True, indirect: bool = False,
-             **kw) -> None:
-        """Put one packet on tx (header descriptor + payload descriptor, as Linux)."""
+             lane: int | None = None, **kw) -> None:
+        """Put one packet on tx (header descriptor + payload descriptor, as Linux);
+        ``op``/``type`` are canonical values (pyvmm.vsock.wire)."""
         kw.setdefault("length", len(payload))
         kw.setdefault("src_cid", self.dev.guest_cid)
-        raw = hdr(op, src_port, dst_port, **kw)
+        if self.wire is VIRTIO:
+            raw = hdr(op, src_port, dst_port, **kw)
+        else:
+            raw = self.wire.encode(VsockHeader(
+                kw["src_cid"], kw.get("dst_cid", HOST_CID), src_port, dst_port, kw["length"],
+                kw.get("type", STREAM), op, kw.get("flags", 0), kw.get("buf_alloc", GUEST_BUF),
+                kw.get("fwd_cnt", 0)))
         if parts is None:
             parts = [raw, payload] if payload else [raw]
-        self.txq.add_chain(readable=parts, indirect=indirect)
+        txq = self.txqs[(src_port ^ dst_port) % self.use_pairs if lane is None else lane]
+        txq.add_chain(readable=parts, indirect=indirect)
         if kick:
-            self.txq.kick(force=True)
+            txq.kick(force=True)
 
-    def send_raw(self, parts: list[bytes]) -> None:
-        self.txq.add_chain(readable=parts)
-        self.txq.kick(force=True)
+    def send_raw(self, parts: list[bytes], lane: int = 0) -> None:
+        self.txqs[lane].add_chain(readable=parts)
+        self.txqs[lane].kick(force=True)
 
     def tx_done(self) -> list:
-        return self.txq.used()
+        return [used for txq in self.txqs for used in txq.used()]
 
     # -- events -----------------------------------------------------------------------
     def events(self) -> list[int]:
