@@ -73,6 +73,10 @@ void scenario_vsock_echo_client(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_bulk_send(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_bulk_recv(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_connect_loop(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_dgram_echo(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_dgram_client(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_dgram_flood(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_dgram_sink(const struct args *a) __attribute__((noreturn));
 /* hostile.c: a driver that breaks the rules on purpose, one case per run */
 void scenario_hostile(const struct args *a) __attribute__((noreturn));
 

@@ -11,6 +11,12 @@
  * host's port P (`P: hostile echo ok <bytes>`), and exits 0.  The cases and
  * what pyvmm is expected to do are listed in README.md ("Hostile mode").
  *
+ * The draft-* cases need the draft device (ID 13, vsock.h), the others the
+ * standard one (ID 19): each refuses the other mode with a FAILED line.
+ * The draft cases make their packets with the driver's encoder
+ * (vsock_encode), the standard ones write struct virtio_vsock_hdr by hand;
+ * the probe (below) is encoded, so it serves both.
+ *
  * Hand-made packets use guest ports RAW_PORT_BASE + i, which the rx hook
  * (vsock.h) takes out of the driver's way and records: the driver's own
  * connections never use them.  A hand-made tx chain is added with
@@ -21,7 +27,8 @@
  * Ordering is what makes the negative checks sound without sleeping: the
  * device handles tx chains in ring order and queues its replies in that
  * order, so once the RST answering a later "probe" packet has arrived, a
- * reply to an earlier packet would have arrived before it.
+ * reply to an earlier packet would have arrived before it.  In draft mode
+ * that holds per queue pair, so there is a probe on every pair.
  */
 #include <stdint.h>
 
@@ -41,6 +48,8 @@
 #define MMIO_HOLE       0xd0000000ull           /* pyvmm's first virtio-mmio window */
 #define WRAP_ADDR       0xfffffffffffff000ull   /* addr + len wraps past 2^64 */
 #define ECHO_SIZE       3000
+#define DGRAM_SIZE      100             /* draft-dgram-credit */
+#define OVERSIZE_DGRAM  8192            /* draft-dgram-oversize: > VSOCK_DGRAM_MAX */
 #define RX_BUF_BYTES    (sizeof(struct virtio_vsock_hdr) + VSOCK_RX_PAYLOAD)
 
 static uint64_t idle = IDLE_TSC_DEFAULT;
@@ -49,24 +58,40 @@ static const char *what = "";
 
 /* --- what came back to the raw ports ------------------------------------- */
 
-static uint16_t raw_op[RAW_MAX], raw_type[RAW_MAX];
+/* Per raw port, the last packet that came to it (canonical op and type,
+ * vsock.h); for datagrams also whether they carried pattern() bytes and
+ * nonzero credit fields. */
+static uint32_t raw_op[RAW_MAX], raw_type[RAW_MAX];
+static uint8_t raw_dgram_good[RAW_MAX], raw_dgram_credit[RAW_MAX];
 static uint64_t raw_rst, raw_response, raw_other;
+/* RSTs for this (driver's) port: which pair the last one came on. */
+static uint32_t watch_port;
+static int watch_rst_pair = -1;
 
-static int rx_hook(const struct virtio_vsock_hdr *h, const uint8_t *payload)
+static uint8_t pattern(uint32_t i);
+
+static int rx_hook(const struct vsock_pkt *h, const uint8_t *payload)
 {
-	(void)payload;
+	if (watch_port && h->dst_port == watch_port && h->op == VSOCK_OP_RST)
+		watch_rst_pair = (int)h->pair;          /* and let the driver have it */
 	if (h->dst_port < RAW_PORT_BASE || h->dst_port >= RAW_PORT_BASE + RAW_MAX)
 		return 0;
 	unsigned i = h->dst_port - RAW_PORT_BASE;
 
 	raw_op[i] = h->op;
 	raw_type[i] = h->type;
-	if (h->op == VIRTIO_VSOCK_OP_RST)
+	if (h->op == VSOCK_OP_RST)
 		raw_rst++;
-	else if (h->op == VIRTIO_VSOCK_OP_RESPONSE)
-		raw_response++;
+	else if (h->op == VSOCK_OP_RESPONSE || h->op == VSOCK_OP_NEGOTIATE)
+		raw_response++;                 /* a listener's answer to a REQUEST */
 	else
 		raw_other++;
+	if (h->type == VSOCK_TYPE_DGRAM) {
+		raw_dgram_good[i] = h->len == DGRAM_SIZE;
+		for (uint32_t k = 0; k < h->len && raw_dgram_good[i]; k++)
+			raw_dgram_good[i] = payload[k] == pattern(k);
+		raw_dgram_credit[i] = h->buf_alloc || h->fwd_cnt;
+	}
 	return 1;
 }
 
@@ -209,15 +234,68 @@ static void raw_send(struct virtio_vsock_hdr *h, uint32_t len)
 	raw_commit(vsock_queue(VSOCK_TX_QUEUE));
 }
 
-/* A packet for no connection from raw port i, then wait for its RST: all
- * replies to earlier tx packets have arrived by then. */
+/* A hand-made packet in the device's mode (the driver's encoder): from
+ * src_port to the host's dst_port, our guest CID, buf_alloc 65536. */
+static struct vsock_pkt raw_pkt(uint32_t src_port, uint32_t dst_port, uint32_t type,
+				uint32_t op, uint32_t len)
+{
+	struct vsock_pkt p = {
+		.src_cid = vsock_guest_cid(),
+		.dst_cid = VSOCK_HOST_CID,
+		.src_port = src_port,
+		.dst_port = dst_port,
+		.len = len,
+		.type = type,
+		.op = op,
+		.buf_alloc = 65536,
+	};
+
+	return p;
+}
+
+/* p, encoded, with `len` bytes of raw_payload, on queue q. */
+static void raw_send_pkt(const struct vsock_pkt *p, uint32_t len, struct virtq *q)
+{
+	raw_begin();
+	void *wire = &raw_hdrs[nhdrs++ % VIRTQ_MAX_SIZE];
+	struct virtq_buf b[2] = { { wire, vsock_hdr_size() }, { raw_payload, len } };
+
+	vsock_encode(wire, p);
+	raw_add(q, b, len ? 2 : 1, 0);
+	raw_commit(q);
+}
+
+/* p on the tx queue of the pair its ports give it. */
+static void raw_send_own_pair(const struct vsock_pkt *p, uint32_t len)
+{
+	raw_send_pkt(p, len, vsock_txq(vsock_pair_of(p->src_port, p->dst_port)));
+}
+
+/* On every queue pair, a packet for no connection from a probe port, then
+ * wait for their RSTs: all replies to earlier tx packets (on that pair)
+ * have arrived by then.  The probe ports are the last raw ports, the
+ * highest one that maps to the pair (one pair in standard mode: PROBE). */
 static void probe(void)
 {
-	raw_op[PROBE] = 0;
-	raw_send(raw_hdr(RAW_PORT_BASE + PROBE, port, VIRTIO_VSOCK_TYPE_STREAM,
-			 VIRTIO_VSOCK_OP_RW, 1), 1);
+	unsigned idx[VSOCK_DRAFT_MAX_PAIRS];
+
+	for (unsigned k = 0; k < vsock_pairs(); k++) {
+		unsigned i = PROBE;
+
+		/* 16 consecutive aligned ports XOR port are 16 consecutive
+		 * numbers: every pair (P <= 16) has one. */
+		while (vsock_pair_of(RAW_PORT_BASE + i, port) != k && i > RAW_MAX - 16)
+			i--;
+		idx[k] = i;
+		raw_op[i] = 0;
+		struct vsock_pkt p = raw_pkt(RAW_PORT_BASE + i, port, VSOCK_TYPE_STREAM,
+					     VSOCK_OP_RW, 1);
+
+		raw_send_pkt(&p, 1, vsock_txq(k));
+	}
 	vsock_flush();
-	WAIT_UNTIL(raw_op[PROBE] == VIRTIO_VSOCK_OP_RST, "no RST for the probe");
+	for (unsigned k = 0; k < vsock_pairs(); k++)
+		WAIT_UNTIL(raw_op[idx[k]] == VSOCK_OP_RST, "no RST for the probe");
 }
 
 /* How many of raw ports [0, n) got any reply. */
@@ -393,6 +471,9 @@ static void post_bad_rx(void)
 {
 	struct virtq *q = vsock_queue(VSOCK_RX_QUEUE);
 
+	if (!q || vsock_draft())
+		fail("a standard-mode case; the device is the draft (ID 13)");
+
 	for (unsigned r = 0; r < nrounds; r++) {
 		struct virtq_buf b = { spare_rx[r], RX_BUF_BYTES };
 		uint16_t head = q->free_head;
@@ -492,8 +573,8 @@ static void case_on_conn(enum conn_bad kind)
 				raw_add(txq(), pb, 2, 0);
 				off += n;
 			}
-			say("hostile %s: sent %u bytes against buf_alloc %u", what, total,
-			    c->peer_buf_alloc);
+			say("hostile %s: sent %u bytes against buf_alloc %lu", what, total,
+			    (unsigned long)c->peer_buf_alloc);
 			break;
 		}
 		}
@@ -797,6 +878,168 @@ static void case_mmio(void)
 	    what, st16, mis, wo, (unsigned long)cid, (unsigned long)cid_after, status);
 }
 
+/* --- draft mode (device ID 13) ------------------------------------------------ */
+/*
+ * Packets are made with the driver's encoder (raw_pkt, conn_pkt) and go on
+ * the tx queue of the pair their ports give them, unless the case is about
+ * the queue.  The probe runs on every pair, so "no reply" is decided by
+ * ordering on each.
+ */
+
+/* A packet on connection c (its ports, type and our credit). */
+static struct vsock_pkt conn_pkt(struct vsock_conn *c, uint32_t op, uint32_t len)
+{
+	struct vsock_pkt p = raw_pkt(c->local_port, c->peer_port, c->type, op, len);
+
+	p.dst_cid = c->peer_cid;
+	p.buf_alloc = c->buf_alloc;
+	p.fwd_cnt = c->fwd_cnt;
+	return p;
+}
+
+/* draft-attach-first, draft-offer-first: the handshake's ATTACH or OFFER
+ * as the first packet from raw port r (no REQUEST before it). */
+static void case_draft_out_of_order(uint32_t op)
+{
+	unsigned rsts = 0;
+
+	for (unsigned r = 0; r < nrounds; r++) {
+		struct vsock_pkt p = raw_pkt(RAW_PORT_BASE + r, port, VSOCK_TYPE_STREAM, op, 0);
+
+		raw_send_own_pair(&p, 0);
+	}
+	probe();
+	for (unsigned r = 0; r < nrounds; r++)
+		rsts += raw_op[r] == VSOCK_OP_RST;
+	say("hostile %s done n=%u rsts=%u replies=%u", what, nrounds, rsts, replies(nrounds));
+}
+
+/* draft-offer-again: an OFFER on an established connection. */
+static void case_draft_offer_again(void)
+{
+	unsigned resets = 0;
+
+	for (unsigned r = 0; r < nrounds; r++) {
+		struct vsock_conn *c = open_conn();
+		struct vsock_pkt p = conn_pkt(c, VSOCK_OP_OFFER, 0);
+
+		raw_send_pkt(&p, 0, vsock_txq(c->pair));
+		const char *why = wait_closed(c);
+
+		if (strcmp(why, "reset by peer (RST)"))
+			fail(why);
+		resets++;
+	}
+	say("hostile %s done n=%u conn_resets=%u", what, nrounds, resets);
+}
+
+/* draft-dgram-oversize: a DGRAM of OVERSIZE_DGRAM bytes (all supplied)
+ * from raw port r to the host's port P. */
+static void case_draft_dgram_oversize(void)
+{
+	uint32_t used_len = 0;
+
+	for (unsigned r = 0; r < nrounds; r++) {
+		struct vsock_pkt p = raw_pkt(RAW_PORT_BASE + r, port, VSOCK_TYPE_DGRAM,
+					     VSOCK_OP_RW, OVERSIZE_DGRAM);
+
+		p.buf_alloc = 0;        /* a datagram's credit fields are 0 */
+		raw_send_own_pair(&p, OVERSIZE_DGRAM);
+		used_len += used_lens[0];
+	}
+	probe();
+	say("hostile %s done n=%u used_len=%u replies=%u", what, nrounds, used_len,
+	    replies(nrounds));
+}
+
+/* draft-request-on-controlq: a REQUEST from raw port r to port P posted on
+ * queue 0, the controlq, which vsock_open leaves alone: this case sets it
+ * up (from vsock_queues_hook, before DRIVER_OK). */
+static struct virtq ctl_q;
+
+static void setup_controlq(void)
+{
+	/* On failure the device is FAILED, and DRIVER_OK ends the run. */
+	virtio_mmio_setup_queue(vsock_device(), &ctl_q, 0, 8);
+}
+
+static void case_draft_controlq(void)
+{
+	uint32_t used_len = 0;
+
+	for (unsigned r = 0; r < nrounds; r++) {
+		struct vsock_pkt p = raw_pkt(RAW_PORT_BASE + r, port, VSOCK_TYPE_STREAM,
+					     VSOCK_OP_REQUEST, 0);
+
+		raw_send_pkt(&p, 0, &ctl_q);
+		used_len += used_lens[0];
+	}
+	probe();
+	say("hostile %s done n=%u used_len=%u replies=%u", what, nrounds, used_len,
+	    replies(nrounds));
+}
+
+/* draft-pair-hop: on an established connection, an RW (100 bytes) on the
+ * tx queue of the next pair instead of its own.  rst_on_pair counts the
+ * RSTs that came on the connection's own pair. */
+static void case_draft_pair_hop(void)
+{
+	unsigned resets = 0, on_pair = 0, pairs = vsock_pairs();
+
+	if (pairs < 2)
+		fail("needs 2 queue pairs or more (max_virtqueue_pairs, vsock-pairs=)");
+	for (unsigned i = 0; i < 100; i++)
+		raw_payload[i] = pattern(i);
+	for (unsigned r = 0; r < nrounds; r++) {
+		struct vsock_conn *c = open_conn();
+		unsigned own = c->pair;
+		struct vsock_pkt p = conn_pkt(c, VSOCK_OP_RW, 100);
+
+		watch_port = c->local_port;
+		watch_rst_pair = -1;
+		raw_send_pkt(&p, 100, vsock_txq((own + 1) % pairs));
+		const char *why = wait_closed(c);
+
+		if (strcmp(why, "reset by peer (RST)"))
+			fail(why);
+		resets++;
+		on_pair += watch_rst_pair == (int)own;
+	}
+	watch_port = 0;
+	say("hostile %s done n=%u conn_resets=%u rst_on_pair=%u", what, nrounds, resets, on_pair);
+}
+
+/* draft-dgram-credit (not hostile): DGRAMs of DGRAM_SIZE pattern() bytes
+ * with nonzero fwd_cnt and buf_alloc, from raw port r to the host's port P;
+ * the host must echo them (a datagram echo at <uds>_<P>.dgram).  echoed =
+ * how many came back, content_ok = with the same bytes, echo_credit = with
+ * nonzero credit fields (the device's are 0). */
+static void case_draft_dgram_credit(void)
+{
+	unsigned ok = 0, credit = 0;
+
+	for (unsigned i = 0; i < DGRAM_SIZE; i++)
+		raw_payload[i] = pattern(i);
+	for (unsigned r = 0; r < nrounds; r++) {
+		struct vsock_pkt p = raw_pkt(RAW_PORT_BASE + r, port, VSOCK_TYPE_DGRAM,
+					     VSOCK_OP_RW, DGRAM_SIZE);
+
+		p.fwd_cnt = 0x1234 + r;
+		p.buf_alloc = 0x10000 + r;
+		raw_send_own_pair(&p, DGRAM_SIZE);
+	}
+	vsock_flush();
+	WAIT_UNTIL(replies(nrounds) == nrounds, "not every datagram came back (is there a "
+		   "datagram echo at <uds>_<P>.dgram?)");
+	for (unsigned r = 0; r < nrounds; r++) {
+		ok += raw_type[r] == VSOCK_TYPE_DGRAM && raw_op[r] == VSOCK_OP_RW &&
+			raw_dgram_good[r];
+		credit += raw_dgram_credit[r];
+	}
+	say("hostile %s done n=%u echoed=%u content_ok=%u echo_credit=%u", what, nrounds,
+	    replies(nrounds), ok, credit);
+}
+
 /* --- dispatch ------------------------------------------------------------------ */
 
 void scenario_hostile(const struct args *a)
@@ -847,9 +1090,21 @@ void scenario_hostile(const struct args *a)
 		vsock_open_hook = post_bad_rx;
 	else if (!strcmp(w, "seqpacket-unneg"))
 		vsock_feature_mask = ~VIRTIO_BIT(VIRTIO_VSOCK_F_SEQPACKET);
+	else if (!strcmp(w, "draft-request-on-controlq"))
+		vsock_queues_hook = setup_controlq;
 
 	vsock_open(a, idle);
 	vsock_open_hook = NULL;
+	vsock_queues_hook = NULL;
+
+	/* The draft-* cases need the draft device; the others speak the
+	 * standard's header by hand. */
+	int draft_case = !strncmp(w, "draft-", 6);
+
+	if (draft_case && !vsock_draft())
+		fail("a draft-mode case; the device is the standard's (ID 19)");
+	if (!draft_case && vsock_draft())
+		fail("a standard-mode case; the device is the draft (ID 13)");
 
 	if (!strcmp(w, "tx-addr-outside"))
 		case_bad_tx_chain(OUTSIDE_RAM, 'A');
@@ -905,6 +1160,20 @@ void scenario_hostile(const struct args *a)
 		case_rst_on_conn('W');
 	else if (!strcmp(w, "mmio-width"))
 		case_mmio();
+	else if (!strcmp(w, "draft-attach-first"))
+		case_draft_out_of_order(VSOCK_OP_ATTACH);
+	else if (!strcmp(w, "draft-offer-first"))
+		case_draft_out_of_order(VSOCK_OP_OFFER);
+	else if (!strcmp(w, "draft-offer-again"))
+		case_draft_offer_again();
+	else if (!strcmp(w, "draft-dgram-oversize"))
+		case_draft_dgram_oversize();
+	else if (!strcmp(w, "draft-request-on-controlq"))
+		case_draft_controlq();
+	else if (!strcmp(w, "draft-pair-hop"))
+		case_draft_pair_hop();
+	else if (!strcmp(w, "draft-dgram-credit"))
+		case_draft_dgram_credit();
 	else if (!strcmp(w, "avail-jump") || !strcmp(w, "head-range")) {
 		case_broken_ring(!strcmp(w, "avail-jump"));
 		vsock_open(a, idle);            /* reset and start again */

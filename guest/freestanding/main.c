@@ -36,6 +36,10 @@ static const struct scenario {
 	{ "vsock-bulk-send", scenario_vsock_bulk_send },
 	{ "vsock-bulk-recv", scenario_vsock_bulk_recv },
 	{ "vsock-connect-loop", scenario_vsock_connect_loop },
+	{ "vsock-dgram-echo", scenario_vsock_dgram_echo },
+	{ "vsock-dgram-client", scenario_vsock_dgram_client },
+	{ "vsock-dgram-flood", scenario_vsock_dgram_flood },
+	{ "vsock-dgram-sink", scenario_vsock_dgram_sink },
 	{ "hostile", scenario_hostile },
 };
 

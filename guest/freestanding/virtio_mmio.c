@@ -148,17 +148,35 @@ int virtio_mmio_discover(const struct args *a, struct virtio_mmio_dev *out, int 
 	return n;
 }
 
-struct virtio_mmio_dev *virtio_mmio_find(const struct args *a, uint32_t device_id)
+struct virtio_mmio_dev *virtio_mmio_find_any(const struct args *a, const uint32_t *ids,
+					     unsigned nids, int *index)
 {
 	static struct virtio_mmio_dev devices[VIRTIO_MMIO_MAX_DEVICES];
 	int n = virtio_mmio_discover(a, devices, VIRTIO_MMIO_MAX_DEVICES);
+	char names[64];
+	size_t used = 0;
 
-	for (int i = 0; i < n; i++)
-		if (devices[i].device_id == device_id)
-			return &devices[i];
-	say("virtio: no device with id %u (%d virtio-mmio devices found%s)",
-	    device_id, n, a->ndevices ? "" : ", none on the command line");
+	for (int i = 0; i < n; i++) {
+		for (unsigned k = 0; k < nids; k++) {
+			if (devices[i].device_id == ids[k]) {
+				if (index)
+					*index = i;
+				return &devices[i];
+			}
+		}
+	}
+	names[0] = '\0';
+	for (unsigned k = 0; k < nids; k++)
+		used += format(names + used, sizeof(names) - used, "%s%u",
+			       k ? " or " : "", ids[k]);
+	say("virtio: no device with id %s (%d virtio-mmio devices found%s)",
+	    names, n, a->ndevices ? "" : ", none on the command line");
 	return NULL;
+}
+
+struct virtio_mmio_dev *virtio_mmio_find(const struct args *a, uint32_t device_id)
+{
+	return virtio_mmio_find_any(a, &device_id, 1, NULL);
 }
 
 /* --- initialisation (§3.1.1) -------------------------------------------- */

@@ -63,6 +63,9 @@
 /* --- §5 "Device Types" (IDs used here) ----------------------------------- */
 #define VIRTIO_ID_CONSOLE               3
 #define VIRTIO_ID_VSOCK                 19
+/* The 2013 RFC's vsock device (vsock.h, draft mode).  Since 2014 the spec
+ * gives 13 to the memory balloon; pyvmm offers it only when asked. */
+#define VIRTIO_ID_VSOCK_DRAFT           13
 
 /*
  * Where devices are found.  pyvmm: device i at 0xd0000000 + i * 4 KiB, IRQ
@@ -95,6 +98,11 @@ int virtio_mmio_discover(const struct args *a, struct virtio_mmio_dev *out, int 
 
 /* The first discovered device with this DeviceID, or NULL (with a line). */
 struct virtio_mmio_dev *virtio_mmio_find(const struct args *a, uint32_t device_id);
+/* The first discovered device whose DeviceID is one of ids[0..n-1], and
+ * its place among the discovered devices in *index; or NULL (with a line
+ * naming the ids). */
+struct virtio_mmio_dev *virtio_mmio_find_any(const struct args *a, const uint32_t *ids,
+					     unsigned n, int *index);
 
 struct virtq;
 
