@@ -121,10 +121,11 @@ def uds(tmp_path):
     echo.close()
 
 
-def hostile(uds, case, n=1, extra="", *, echo=True) -> Outcome:
+def hostile(uds, case, n=1, extra="", *, echo=True, **vsock_kw) -> Outcome:
+    """Run hostile case ``case``; ``vsock_kw`` go to VsockConfig (proto=, pairs=)."""
     cmd = f"hostile what={case} port={PORT} n={n} {extra}".strip()
     with LiveGuest(images.freestanding_guest(), cmdline=cmd, timeout=60,
-                   vsock=VsockConfig(3, uds)) as g:
+                   vsock=VsockConfig(3, uds, **vsock_kw)) as g:
         run = g.finish(60)
         transport = g.vm.virtio_slots[0].transport
         out = Outcome(case, run, [dict(q.errors.counts) for q in transport.queues],
