@@ -4,7 +4,7 @@
  *
  *   standard  virtio 1.2 §5.10 "Socket Device", device ID 19;
  *   draft     the June 2013 RFC's device, ID 13, as pyvmm implements it
- *             (/work/shared-notes/rfc2013-protocol.md, summarised at
+ *             (docs/vsock-draft-vs-spec.md, summarised at
  *             struct vsock_draft_hdr below): 39-byte header, a 4-way
  *             handshake, u64 credit, datagrams, several rx/tx queue pairs.
  *
@@ -86,7 +86,7 @@ _Static_assert(sizeof(struct virtio_vsock_hdr) == 44, "virtio 1.2 §5.10.6");
 /* === draft mode: the 2013 RFC device, ID 13 =============================== */
 /*
  * The protocol both pyvmm and this guest implement (the fixed decisions of
- * /work/shared-notes/rfc2013-protocol.md):
+ * docs/vsock-draft-vs-spec.md):
  *  - virtio-mmio v2; features VERSION_1 (+ ring features); none of its own.
  *  - config: le32 guest_cid @0, le32 max_virtqueue_pairs @4 (N, 1..16).
  *  - queues: 0 controlq (never used), 2i+1 receiveq i, 2i+2 transmitq i.

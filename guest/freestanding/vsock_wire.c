@@ -3,7 +3,7 @@
  *
  *   standard  virtio 1.2 §5.10, device ID 19 (what vsock.c always spoke);
  *   draft     the 2013 RFC device, ID 13, exactly as fixed in
- *             /work/shared-notes/rfc2013-protocol.md (vsock.h sums it up).
+ *             docs/vsock-draft-vs-spec.md (vsock.h sums it up).
  *
  * Nothing else in the driver knows a wire op number, a header offset, the
  * handshake's length or the credit width.
