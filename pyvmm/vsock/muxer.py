@@ -154,6 +154,8 @@ class VsockMuxer:
         if not CONN_TX_BUF_SIZE_MIN <= conn_buf_size <= tx_buffer_budget:
             raise ValueError(f"vsock connection window {conn_buf_size} is outside "
                              f"[{CONN_TX_BUF_SIZE_MIN}, {tx_buffer_budget}]")
+        if lanes < 1:
+            raise ValueError(f"vsock lanes {lanes}: at least 1")
         self.guest_cid = guest_cid
         self.wire = wire
         #: queue pairs in use (see the module docstring); the device sets it at DRIVER_OK
@@ -183,7 +185,7 @@ class VsockMuxer:
         self._host_ports: collections.Counter[int] = collections.Counter()
 
     def _make_lanes(self) -> None:
-        lanes = range(max(1, self.lanes))
+        lanes = range(self.lanes)
         #: per lane: RSTs for packets without a connection; host datagrams; connections owing packets
         self._control: list[collections.deque[VsockHeader]] = [collections.deque() for _ in lanes]
         self._dgrams: list[collections.deque[tuple[VsockHeader, bytes]]] = [collections.deque() for _ in lanes]
@@ -191,9 +193,9 @@ class VsockMuxer:
         self._in_rxq: list[set[tuple[int, int]]] = [set() for _ in lanes]
 
     def set_lanes(self, lanes: int) -> None:
-        """The queue pairs the driver enabled (DRIVER_OK); only with no connection open."""
+        """The queue pairs the driver enabled (DRIVER_OK, at least 1); drops every connection."""
         self.reset_all()
-        self.lanes = lanes
+        self.lanes = max(1, lanes)
         self._make_lanes()
 
     @property
@@ -207,7 +209,8 @@ class VsockMuxer:
         self._types = base | {SEQPACKET} if on and SEQPACKET in self.wire.stream_types else base
 
     def _lane_of(self, port_a: int, port_b: int) -> int:
-        return (port_a ^ port_b) % self.lanes if self.lanes > 1 else 0
+        return self.wire.lane(port_a, port_b, self.lanes)
+
     # -- guest -> host ------------------------------------------------------------
     def on_guest_packets(self, pkts: list[TxPacket], lane: int = 0) -> None:
         """Route a tx batch's well-formed packets (from lane ``lane``'s tx queue), in order.

@@ -380,8 +380,8 @@ class UnixBackend(VsockBackend):
                 self.metrics["dgram_dropped"] += 1
                 continue
             source = self._dgram_source.fullmatch(addr) if isinstance(addr, str) else None
-            src_port = int(source.group(1)) if source and int(source.group(1)) <= 0xFFFF_FFFF else VMADDR_PORT_ANY
-            self.host.send_datagram(src_port, port, payload)
+            src_port = int(source.group(1)) if source else VMADDR_PORT_ANY
+            self.host.send_datagram(src_port if src_port <= 0xFFFF_FFFF else VMADDR_PORT_ANY, port, payload)
 
     def datagram_to_host(self, port: int, peer: tuple[int, int], data: bytes) -> bool | None:
         """A guest datagram: to ``<uds_path>_<port>.dgram`` as ``<guest port>\\n<payload>``,

@@ -72,7 +72,6 @@ __all__ = [
     "VsockHeader",
     "WireFormat",
     "WIRE_FORMATS",
-    "wrap32",
 ]
 
 
@@ -183,11 +182,6 @@ HDR = struct.Struct("<QQIIIHHIII")
 #:    16    4 len          23    8 fwd_cnt
 #:                         31    8 buf_alloc
 RFC2013_HDR = struct.Struct("<IIIIIBBBQQ")
-
-
-def wrap32(value: int) -> int:
-    """``value`` as a free-running u32 counter (``Wrapping<u32>`` in Firecracker)."""
-    return value & _U32
 
 
 #: op names for logs (canonical values)

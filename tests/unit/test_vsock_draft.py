@@ -13,12 +13,14 @@ import pytest
 
 from pyvmm.errors import ConfigError
 from pyvmm.vsock import VsockDevice
-from pyvmm.vsock.connection import CONN_REQUEST_TIMEOUT, CONN_TX_BUF_SIZE, Connection
+from pyvmm.vsock.connection import CONN_REQUEST_TIMEOUT, CONN_TX_BUF_SIZE, Connection, ConnState
 from pyvmm.vsock.muxer import DGRAM_MAX_QUEUED, HOST_PORT_FIRST
+from pyvmm.vsock.packet import RxBuffer
 from pyvmm.vsock.wire import (DGRAM, OP_ATTACH, OP_CREDIT_UPDATE, OP_NEGOTIATE, OP_OFFER, OP_REQUEST,
                               OP_RST, OP_RW, OP_SHUTDOWN, RFC2013, RFC2013_HDR, STREAM, UNKNOWN, VIRTIO,
                               VsockHeader)
-from vsock_guest import GUEST_CID, HOST_CID, FakeStream, Guest
+from test_vsock_connection import kw
+from vsock_guest import GUEST_CID, FakeChain, FakeStream, Guest
 
 PAIRS = 4
 
@@ -90,7 +92,7 @@ def test_a_driver_may_use_fewer_pairs_and_routing_follows(uds):
         assert g.dev.lanes == 2
         listener = g.api.listen(80)
         g.send(OP_REQUEST, 1001, 80)                # lane (1001 ^ 80) % 2 = 1
-        assert [(ln, h.op) for ln, h, _ in (g.pump() or g.recv(with_lane=True))] == [(1, OP_NEGOTIATE)]
+        assert [(ln, h.op) for ln, h, _ in g.take(with_lane=True)] == [(1, OP_NEGOTIATE)]
         listener.close()
     finally:
         g.close()
@@ -110,7 +112,7 @@ def test_controlq_buffers_come_back_empty_and_counted(draft):
 def test_guest_initiated_four_way_handshake_and_echo(draft):
     listener = draft.api.listen(80)
     draft.send(OP_REQUEST, 1000, 80, buf_alloc=8192)
-    (ln, neg, _), = draft.pump() or draft.recv(with_lane=True)
+    (ln, neg, _), = draft.take(with_lane=True)
     assert (ln, neg.op, neg.src_port, neg.dst_port) == (lane(1000, 80), OP_NEGOTIATE, 80, 1000)
     assert neg.buf_alloc == CONN_TX_BUF_SIZE                  # the listener's credit rides in NEGOTIATE
     draft.send(OP_OFFER, 1000, 80, buf_alloc=8192)
@@ -132,7 +134,7 @@ def test_host_initiated_four_way_handshake(draft):
     stream = FakeStream()
     outcome = []
     conn = draft.dev.muxer.connect_host(1234, STREAM, stream, on_connect=outcome.append)
-    (ln, req, _), = (draft.pump() or draft.recv(with_lane=True))
+    (ln, req, _), = draft.take(with_lane=True)
     assert (ln, req.op, req.dst_port, req.src_port) == (lane(HOST_PORT_FIRST, 1234), OP_REQUEST, 1234,
                                                         HOST_PORT_FIRST)
     draft.send(OP_NEGOTIATE, 1234, req.src_port, buf_alloc=4096)
@@ -236,12 +238,12 @@ def test_a_guest_beyond_its_credit_is_reset(draft):
 
 
 def test_credit_counters_are_64_bit():
-    stream = FakeStream()
     hdr = VsockHeader(3, 2, 1000, 80, 0, STREAM, OP_REQUEST, 0, 1 << 20, 0)
-    conn = Connection.peer_init(hdr, stream, metrics=__import__("collections").Counter(),
-                                errors=_Log(), host_errors=_Log(), wire=RFC2013)
-    conn.state = conn.state.ESTABLISHED
-    conn.pending = 0
+    conn = Connection.peer_init(hdr, FakeStream(), wire=RFC2013, **kw())
+    assert conn.fill_rx(draft_rx(), 0).op == OP_NEGOTIATE
+    conn.on_guest_packet(hdr._replace(op=OP_OFFER), [], 0.0)
+    assert conn.fill_rx(draft_rx(), 0).op == OP_ATTACH
+    assert conn.state is ConnState.ESTABLISHED
     conn.tx_cnt = conn.peer_fwd_cnt = (1 << 32) - 10          # 4 GiB sent: a u32 would wrap here
     assert conn.peer_credit() == 1 << 20
     conn.tx_cnt += 100
@@ -250,12 +252,8 @@ def test_credit_counters_are_64_bit():
     assert conn.peer_credit() == 1 << 20
 
 
-class _Log:
-    def __init__(self):
-        self.counts = {}
-
-    def report(self, reason, detail=""):
-        self.counts[reason] = self.counts.get(reason, 0) + 1
+def draft_rx():
+    return RxBuffer(FakeChain(writable=[RFC2013.hdr_len, 4096]), RFC2013)
 
 
 # -- pairs ------------------------------------------------------------------------------------

@@ -173,10 +173,10 @@ class Guest:
                 rxq.kick()
         return out
 
-    def take(self) -> list[tuple[VsockHeader, bytes]]:
+    def take(self, *, with_lane: bool = False) -> list:
         """pump() then recv()."""
         self.pump()
-        return self.recv()
+        return self.recv(with_lane=with_lane)
 
     # -- tx ---------------------------------------------------------------------------
     def send(self, op: int, src_port: int, dst_port: int, payload: bytes = b"", *,
