@@ -15,7 +15,7 @@ import pytest
 from harness import LiveGuest
 from pyvmm import images
 from pyvmm.machine import VsockConfig
-from test_hostile_guest import hostile, uds  # noqa: F401  (uds: the fixture, with an echo host)
+from test_hostile_guest import PORT, hostile, uds  # noqa: F401  (uds: the fixture, with an echo host)
 
 pytestmark = pytest.mark.kvm
 
@@ -132,3 +132,20 @@ def test_draft_hostile_case(uds, case, pairs, done):
         "draft-pair-hop": "guest packet on the wrong queue pair",
     }[case]
     assert reasons.get(expected, 0) >= 1, reasons
+
+
+def test_datagram_credit_fields_are_ignored(uds):
+    """A guest datagram with nonzero fwd_cnt/buf_alloc is still a datagram (not hostile).
+    The echo is bound at <uds>_<PORT>.dgram before the guest boots: it sends at once."""
+    me = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    me.bind(f"{uds}_{PORT}.dgram")
+    me.settimeout(60)
+
+    def serve():
+        for _ in range(2):
+            me.sendto(me.recv(8192), f"{uds}.dgram")     # "<guest port>\n" + payload, back
+
+    threading.Thread(target=serve, daemon=True).start()
+    out = hostile(uds, "draft-dgram-credit", n=2, proto="rfc2013", pairs=2)
+    me.close()
+    assert out.done == {"n": "2", "echoed": "2", "content_ok": "2", "echo_credit": "0"}, out.run.explain()
