@@ -58,11 +58,13 @@ class WorkloadFailed(Exception):
 # --------------------------------------------------------------------------
 
 def pyvmm_argv(elf: Path, scenario: str, uds: Path, *, metrics: Path | None = None,
-               timeout: float = 300.0, placement: "Placement | None" = None) -> list[str]:
+               timeout: float = 300.0, placement: "Placement | None" = None,
+               vsock: str = "") -> list[str]:
     """``pyvmm run`` with the freestanding guest and a vsock device (CID 3) on
-    ``uds``, its threads placed with ``--vcpu-affinity`` / ``--io-affinity``."""
+    ``uds``, its threads placed with ``--vcpu-affinity`` / ``--io-affinity``;
+    ``vsock`` adds options to ``--vsock`` (e.g. ``proto=rfc2013,pairs=4``)."""
     argv = [sys.executable, "-m", "pyvmm", "-q", "run", "--kernel", str(elf),
-            "--cmdline", scenario, "--vsock", f"{GUEST_CID},uds={uds}",
+            "--cmdline", scenario, "--vsock", f"{GUEST_CID},uds={uds}" + (f",{vsock}" if vsock else ""),
             "--timeout", f"{timeout:g}"]
     if placement is not None:
         argv += placement.pyvmm_args()

@@ -77,7 +77,8 @@ class Row:
     anchor: str = ""
 
 
-def _rows() -> list[tuple[str, list[Row]]]:
+def _rows() -> list[tuple]:
+    """(title, rows) or (title, rows, name of the comparison column: QEMU unless said)."""
     sizes = (("4k", "4 KiB"), ("64k", "64 KiB"), ("1m", "1 MiB"))
     g2h_targets = [Target("qemu", ">=", 1.1), Target("ceiling", ">=", 0.5)]
     sections = []
@@ -120,6 +121,18 @@ def _rows() -> list[tuple[str, list[Row]]]:
         cpu.append(Row(f"{what} 64 KiB, incl. vCPU thr.", f"pyvmm.cputotal.{direction}.64k", None,
                        f"qemu.cputotal.{direction}.64k"))
     sections.append(("VMM CPU seconds per GB moved (lower is better)", cpu))
+    draft = []
+    for direction, what in (("g2h", "guest->host"), ("h2g", "host->guest")):
+        for key, label in sizes[:2]:
+            draft.append(Row(f"{what} {label}", f"draft.{direction}.{key}",
+                             f"ceiling.socketpair.{key}", f"pyvmm.{direction}.{key}"))
+    sections.append(("draft mode (proto=rfc2013, 1 pair) against the standard mode "
+                     "(Gb/s, higher is better)", draft, "standard"))
+    sections.append(("4 echo streams at once, 64 KiB writes (Gb/s each way)", [
+        Row("draft, 1 queue pair", "modes.echo4.rfc2013-1pair", None, "modes.echo4.virtio"),
+        Row("draft, 4 queue pairs", "modes.echo4.rfc2013-4pairs", None, "modes.echo4.virtio"),
+        Row("standard (one rx/tx pair)", "modes.echo4.virtio"),
+    ], "standard"))
     sections.append(("ceiling only", [Row("memcpy (GB/s)", "ceiling.memcpy")]))
     return sections
 
@@ -279,9 +292,10 @@ def print_table(stats: dict, outcomes: list[Outcome], facts: dict, quick: bool,
         how = ("the guest checks every byte word-wise, the host samples each read"
                if ctx.verify == "word" else "the guest and the host check byte for byte")
         w(f"verify: {ctx.verify} ({how})\n")
-    head = (f"{'':34} {'pyvmm':>22} {'ceiling':>8} {'/ceil':>6} {'QEMU':>8} {'/QEMU':>6}"
-            f"  {'published':<11} target\n")
-    for title, rows in _rows():
+    for title, rows, *other in _rows():
+        name = other[0] if other else "QEMU"
+        head = (f"{'':34} {'pyvmm':>22} {'ceiling':>8} {'/ceil':>6} {name:>8} {'/' + name[:5]:>6}"
+                f"  {'published':<11} target\n")
         w(f"\n{title}\n{head}")
         for row in rows:
             mine = stats.get(row.pyvmm)

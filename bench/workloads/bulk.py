@@ -90,24 +90,30 @@ def pyvmm_g2h(ctx: Context) -> dict[str, float]:
     ``<uds>_5000``, where this process accepts and ``recv_into``s a buffer of
     S, checking each read (a sample with V = word, all of it with full).  N is 256 MiB
     (64 MiB quick; 64/16 MiB for S = 4 KiB).  One pyvmm process per size."""
-    elf = ctx.need_elf()
     out: dict[str, float] = {}
     for size in SIZES:
-        total = _total(ctx, size)
-        uds = ctx.path(f"g2h-{size_name(size)}.sock")
-        listener = unix_listener(Path(f"{uds}_{PORT}"))
-        chunk = min(size, GUEST_VSOCK_CHUNK_MAX)
-        scenario = f"vsock-bulk-send port={PORT} bytes={total} chunk={chunk} verify={ctx.verify}"
-        check = StreamCheck(ctx.verify, total, "pyvmm guest->host")
-        with listener, GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement),
-                                    "pyvmm", stderr_path=ctx.stderr("pyvmm-g2h")) as guest:
-            conn = accept(listener, guest)
-            with conn:
-                nbytes, dt, cpu = _receive(conn, guest, size, total, check)
-            guest.expect_exit0()
-            check_guest_result(guest, "vsock bulk sent", ctx.verify, total)
-        _record(out, f"pyvmm.g2h.{size_name(size)}", nbytes, dt, cpu)
+        pyvmm_g2h_once(ctx, size, out, "pyvmm")
     return out
+
+
+def pyvmm_g2h_once(ctx: Context, size: int, out: dict, prefix: str, vsock: str = "") -> None:
+    """One pyvmm-bulk-g2h transfer of writes of ``size``, into ``out[prefix.g2h.<size>]``
+    (and the CPU keys); ``vsock``: more ``--vsock`` options (the draft rows)."""
+    elf = ctx.need_elf()
+    total = _total(ctx, size)
+    uds = ctx.path(f"g2h-{size_name(size)}.sock")
+    listener = unix_listener(Path(f"{uds}_{PORT}"))
+    chunk = min(size, GUEST_VSOCK_CHUNK_MAX)
+    scenario = f"vsock-bulk-send port={PORT} bytes={total} chunk={chunk} verify={ctx.verify}"
+    check = StreamCheck(ctx.verify, total, f"{prefix} guest->host")
+    with listener, GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement, vsock=vsock),
+                                "pyvmm", stderr_path=ctx.stderr(f"{prefix}-g2h")) as guest:
+        conn = accept(listener, guest)
+        with conn:
+            nbytes, dt, cpu = _receive(conn, guest, size, total, check)
+        guest.expect_exit0()
+        check_guest_result(guest, "vsock bulk sent", ctx.verify, total)
+    _record(out, f"{prefix}.g2h.{size_name(size)}", nbytes, dt, cpu)
 
 
 @workload("pyvmm-bulk-h2g",
@@ -123,28 +129,35 @@ def pyvmm_h2g(ctx: Context) -> dict[str, float]:
     first write to that EOF, i.e. until the guest has every byte.  The guest
     posts 4 KiB receive buffers whatever S is.  N is 256 MiB (64 MiB quick;
     64/16 MiB for S = 4 KiB)."""
-    elf = ctx.need_elf()
     out: dict[str, float] = {}
     data = teststream(_total(ctx, max(SIZES)))
     for size in SIZES:
-        total = _total(ctx, size)
-        uds = ctx.path(f"h2g-{size_name(size)}.sock")
-        scenario = f"vsock-bulk-recv port={PORT} bytes={total} listen=1 verify={ctx.verify}"
-        with GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement), "pyvmm",
-                          stderr_path=ctx.stderr("pyvmm-h2g")) as guest:
-            guest.wait_for(rf"^vsock listening {PORT}$")
-            with firecracker_connect(uds, PORT) as conn:
-                cpu0, t0 = guest.cpu(), time.perf_counter()
-                for off in range(0, total, size):
-                    conn.sendall(data[off:off + size])
-                if conn.recv(1):
-                    raise WorkloadFailed("the guest sent data on a bulk-recv connection")
-                dt = time.perf_counter() - t0
-                cpu = cpu_delta(cpu0, guest.cpu())
-            guest.expect_exit0()
-            check_guest_result(guest, "vsock bulk received", ctx.verify, total)
-        _record(out, f"pyvmm.h2g.{size_name(size)}", total, dt, cpu)
+        pyvmm_h2g_once(ctx, size, out, "pyvmm", data)
     return out
+
+
+def pyvmm_h2g_once(ctx: Context, size: int, out: dict, prefix: str, data: memoryview,
+                   vsock: str = "") -> None:
+    """One pyvmm-bulk-h2g transfer of writes of ``size`` (of ``data``, the test stream),
+    into ``out[prefix.h2g.<size>]`` (and the CPU keys); ``vsock`` as for g2h."""
+    elf = ctx.need_elf()
+    total = _total(ctx, size)
+    uds = ctx.path(f"h2g-{size_name(size)}.sock")
+    scenario = f"vsock-bulk-recv port={PORT} bytes={total} listen=1 verify={ctx.verify}"
+    with GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement, vsock=vsock), "pyvmm",
+                      stderr_path=ctx.stderr(f"{prefix}-h2g")) as guest:
+        guest.wait_for(rf"^vsock listening {PORT}$")
+        with firecracker_connect(uds, PORT) as conn:
+            cpu0, t0 = guest.cpu(), time.perf_counter()
+            for off in range(0, total, size):
+                conn.sendall(data[off:off + size])
+            if conn.recv(1):
+                raise WorkloadFailed("the guest sent data on a bulk-recv connection")
+            dt = time.perf_counter() - t0
+            cpu = cpu_delta(cpu0, guest.cpu())
+        guest.expect_exit0()
+        check_guest_result(guest, "vsock bulk received", ctx.verify, total)
+    _record(out, f"{prefix}.h2g.{size_name(size)}", total, dt, cpu)
 
 
 @workload("qemu-bulk-g2h",

@@ -157,35 +157,37 @@ def _echo_stream(socks: list[socket.socket], total: int, verify: str) -> float:
     return dt
 
 
+def echo_streams(ctx: Context, conns: int, vsock: str = "") -> float:
+    """Gb/s each way of ``conns`` echo streams at once through one pyvmm (the
+    pyvmm-echo-stream loop); ``vsock``: more ``--vsock`` options."""
+    total = (16 if ctx.quick else 64) << 20
+    uds = ctx.path(f"echo-{conns}.sock")
+    with GuestProcess(pyvmm_argv(ctx.need_elf(), f"vsock-echo-server port={PORT} conns={conns}", uds,
+                                 placement=ctx.placement, vsock=vsock), "pyvmm",
+                      stderr_path=ctx.stderr("pyvmm-echo")) as guest:
+        guest.wait_for(rf"^vsock listening {PORT}$")
+        socks = [firecracker_connect(uds, PORT) for _ in range(conns)]
+        try:
+            dt = _echo_stream(socks, total, ctx.verify)
+        finally:
+            for s in socks:
+                s.close()
+        guest.expect_exit0()
+    return gbit(total * conns, dt)
+
+
 @workload("pyvmm-echo-stream", produces=("pyvmm.echo.",), reps=5, quick_reps=3)
 def pyvmm_echo_stream(ctx: Context) -> dict[str, float]:
     """pyvmm, bytes both ways at once: echo streams on 1 and on 2 connections.
 
-    Guest: ``vsock-echo-server port=1234 conns=3``.  Host: first one
-    connection, then two at once; on each it writes N bytes of the test stream
+    Guest: ``vsock-echo-server port=1234 conns=K`` (one pyvmm for each K).  Host: K
+    connections at once; on each it writes N bytes of the test stream
     in 64 KiB writes while reading the echo (a selector loop) and checking it
     (a sample of each read, or every byte with --verify full), until all N are back.  Reported:
     N x connections / time, i.e. Gb/s *each way*.  N is 64 MiB (16 MiB quick)
     per connection.  (The guest's ``vsock-bulk-*`` scenarios run one stream
     in one direction only, so this is the workload with several streams.)"""
-    elf = ctx.need_elf()
-    total = (16 if ctx.quick else 64) << 20
-    uds = ctx.path("echo.sock")
-    out: dict[str, float] = {}
-    with GuestProcess(pyvmm_argv(elf, f"vsock-echo-server port={PORT} conns=3", uds,
-                                 placement=ctx.placement), "pyvmm",
-                      stderr_path=ctx.stderr("pyvmm-echo")) as guest:
-        guest.wait_for(rf"^vsock listening {PORT}$")
-        for k in (1, 2):
-            socks = [firecracker_connect(uds, PORT) for _ in range(k)]
-            try:
-                dt = _echo_stream(socks, total, ctx.verify)
-            finally:
-                for s in socks:
-                    s.close()
-            out[f"pyvmm.echo.{k}conn"] = gbit(total * k, dt)
-        guest.expect_exit0()
-    return out
+    return {f"pyvmm.echo.{k}conn": echo_streams(ctx, k) for k in (1, 2)}
 
 
 @workload("qemu-echo-stream", produces=("qemu.echo.",), reps=5, quick_reps=3)
