@@ -276,3 +276,46 @@ def test_console_mode_under_qemu(tmp_path):
     text = out.decode(errors="replace")
     assert data == teststream.stream(n), text[-2000:]
     assert re.search(rf"console bulk sent {n} bytes fnv ([0-9a-f]+)", text), text[-2000:]
+
+
+HOSTILE_CONNECT_LINES = [
+    b"HELLO 1234\n",                              # not CONNECT
+    b"CONNECT\n",                                 # no port
+    b"CONNECT 99999999999\n",                     # beyond a u32
+    b"CONNECT -5\n",
+    b"CONNECT " + b"1" * 40 + b"\n",              # longer than Firecracker's 32 bytes
+    b"\xff\xfe\x00CONNECT 1234\n",                # not UTF-8
+]
+
+
+def test_hostile_connect_lines_are_closed_and_the_guest_is_still_served(uds, mode):
+    """Bad CONNECT lines, a half line and a silent peer on the Unix end: each bad one
+    is closed by pyvmm (counted), none reaches the guest, and a good connection made
+    while the silent one is pending echoes as usual (both protocols)."""
+    with guest(uds, mode, "vsock-echo-server port=1234 conns=1") as g:
+        g.wait_for(PREFIX + "vsock listening 1234")
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(uds)                       # says nothing: must not block the others
+        for line in HOSTILE_CONNECT_LINES:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(30)
+                s.connect(uds)
+                s.sendall(line)
+                try:
+                    answer = s.recv(64)
+                except ConnectionResetError:      # closed with our bytes unread
+                    answer = b""
+                assert answer == b"", line        # closed, no OK
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(uds)
+            s.sendall(b"CONNECT 12")              # half a line, then gone
+        payload = b"odd-sized \x00\xff payload"
+        with connect_unix(uds, 1234) as ok:
+            ok.sendall(payload)
+            ok.shutdown(socket.SHUT_WR)
+            assert recv_all(ok) == payload
+        silent.close()
+        run = g.finish(60)
+    assert f"vsock echo done 1 {len(payload)}" in run.console, run.explain()
+    assert run.vsock["unix_handshake_errors"] >= len(HOSTILE_CONNECT_LINES), run.vsock
+    assert run.vsock["host_connects"] == 1 and run.vsock["guest_errors"] == 0, run.vsock
