@@ -79,6 +79,7 @@ __all__ = [
     "HostService",
     "MAX_CONNECTIONS",
     "MAX_CONTROL_PACKETS",
+    "RXQ_SLACK",
     "RX_TURN_BUFFERS",
     "TX_BUFFER_BUDGET",
     "METRIC_NAMES",
@@ -100,6 +101,9 @@ TX_BUFFER_BUDGET = 64 * 1024 * 1024
 #: next connection that owes the guest a packet gets its turn: one bulk stream cannot starve
 #: the others (fairness), and a turn is still one host read for the whole run
 RX_TURN_BUFFERS = 32
+#: stale keys (of removed connections) the rx line may hold beyond twice its live ones before
+#: it is compacted: a guest looping REQUEST + RST with no rx buffers cannot grow it
+RXQ_SLACK = 32
 #: host datagrams waiting for an rx buffer, per lane (draft mode); more are dropped and counted
 DGRAM_MAX_QUEUED = 256
 #: host-initiated connections get local ports from [2**30, 2**31) (Firecracker)
@@ -418,7 +422,7 @@ class VsockMuxer:
         if not 0 <= peer_port <= 0xFFFF_FFFF or len(self.connections) >= self.max_connections:
             self.metrics["conns_refused"] += 1
             return None
-        local_port = self._allocate_host_port()
+        local_port = self._allocate_host_port(peer_port)
         conn = Connection.local_init(peer_cid=self.guest_cid, local_port=local_port,
                                      peer_port=peer_port, vtype=vtype, stream=stream,
                                      now=self.loop.time(),
@@ -430,15 +434,19 @@ class VsockMuxer:
         self._add(conn)
         return conn
 
-    def _allocate_host_port(self) -> int:
+    def _allocate_host_port(self, peer_port: int) -> int:
+        """The next port of [2**30, 2**31) that no host-initiated connection uses and that
+        makes no key already taken: a guest may have connected to such a host port itself."""
         while True:
             port = self._next_host_port
             self._next_host_port = port + 1 if port < HOST_PORT_LAST else HOST_PORT_FIRST
-            if port not in self._host_ports:        # < 1023 in use: terminates quickly
-                return port
+            if port not in self._host_ports and (port, peer_port) not in self.connections:
+                return port                         # < 2 * 1023 taken: terminates quickly
 
     # -- the table ------------------------------------------------------------------
     def _add(self, conn: Connection) -> None:
+        if conn.key in self.connections:    # the callers rule it out; never replace one silently
+            raise RuntimeError(f"vsock connection key {conn.key} is taken")
         self.connections[conn.key] = conn
         self.advertised += conn.buf_alloc
         key = conn.key
@@ -456,7 +464,12 @@ class VsockMuxer:
         _interest, writing, timer, reading, _reader = self._io.pop(key)
         if timer is not None:
             timer.cancel()
-        self._in_rxq[conn.lane].discard(key)  # a stale key left in _rxq is skipped
+        in_rxq, rxq = self._in_rxq[conn.lane], self._rxq[conn.lane]
+        in_rxq.discard(key)                   # a stale key left in _rxq is skipped, and
+        if len(rxq) > 2 * len(in_rxq) + RXQ_SLACK and not self._filling:   # compacted before
+            live = list(dict.fromkeys(k for k in rxq if k in in_rxq))     # stale ones pile up
+            rxq.clear()
+            rxq.extend(live)
         if key[0] in self._host_ports:
             self._host_ports[key[0]] -= 1
             if self._host_ports[key[0]] <= 0:

@@ -1,0 +1,47 @@
+"""Bounds a hostile guest or host peer must not be able to break (issue: hostile guests,
+hostile host peers and faults).  Each test is a regression test for a bug found by fuzzing
+or by trying pyvmm as a new user would."""
+
+from __future__ import annotations
+
+from test_vsock_backend import FakeBackend, guest_with
+from vsock_guest import Op
+
+
+def test_request_rst_loop_without_rx_buffers_keeps_the_rx_line_bounded():
+    """A guest looping REQUEST + RST to a host service while posting no rx buffers: every
+    REQUEST makes the connection owe a RESPONSE (its key joins the rx line), the RST removes
+    it before any rx buffer could be filled.  The line of keys must not grow with the loop."""
+    g = guest_with(FakeBackend("accept"), rx_buffers=0)
+    try:
+        for _ in range(5000):
+            g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 5000, 700)
+            g.send(Op.VIRTIO_VSOCK_OP_RST, 5000, 700)
+            g.tx_done()                                 # the driver takes its tx buffers back
+        muxer = g.dev.muxer
+        assert not muxer.connections
+        assert sum(len(q) for q in muxer._rxq) <= 64, [len(q) for q in muxer._rxq]
+    finally:
+        g.close()
+
+
+def test_host_port_allocation_never_reuses_a_guest_initiated_connections_key():
+    """A guest connection to host port 2**30 (the first port host-initiated connections get)
+    and a host connection to the same guest port must not share the key (2**30, port): the
+    first would be replaced silently and its host socket leak, still registered."""
+    from pyvmm.vsock.muxer import HOST_PORT_FIRST
+    from vsock_guest import FakeStream, STREAM
+    backend = FakeBackend("accept")
+    g = guest_with(backend)
+    try:
+        g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 1234, HOST_PORT_FIRST)
+        assert [h.op for h, _ in g.take()] == [Op.VIRTIO_VSOCK_OP_RESPONSE]
+        guest_conn = g.dev.muxer.connections[(HOST_PORT_FIRST, 1234)]
+        host_conn = g.dev.muxer.connect_host(1234, STREAM, FakeStream())
+        assert host_conn is not None and host_conn.key != guest_conn.key
+        assert g.dev.muxer.connections[guest_conn.key] is guest_conn
+        assert g.dev.muxer.connections[host_conn.key] is host_conn
+        (req, _), = g.take()
+        assert (req.op, req.src_port) == (Op.VIRTIO_VSOCK_OP_REQUEST, host_conn.local_port)
+    finally:
+        g.close()
