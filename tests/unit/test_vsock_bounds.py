@@ -5,7 +5,7 @@ or by trying pyvmm as a new user would."""
 from __future__ import annotations
 
 from test_vsock_backend import FakeBackend, guest_with
-from vsock_guest import Op
+from vsock_guest import Guest, Op
 
 
 def test_request_rst_loop_without_rx_buffers_keeps_the_rx_line_bounded():
@@ -43,5 +43,35 @@ def test_host_port_allocation_never_reuses_a_guest_initiated_connections_key():
         assert g.dev.muxer.connections[host_conn.key] is host_conn
         (req, _), = g.take()
         assert (req.op, req.src_port) == (Op.VIRTIO_VSOCK_OP_REQUEST, host_conn.local_port)
+    finally:
+        g.close()
+
+
+def test_header_only_rx_buffer_while_data_is_owed_does_not_spin(uds):
+    """A connection owes the guest data and the only rx buffer posted is header-only
+    (44 bytes): the device must go idle (waiting for a buffer with room), not
+    reschedule its rx pass forever; a buffer with room then gets the data."""
+    g = Guest(uds, rx_buffers=0)
+    try:
+        listener = g.api.listen(700)
+        g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 5000, 700)
+        g.add_rx(layout="single", payload=0)            # header only: room for the RESPONSE
+        g.rxq.kick(force=True)
+        g.pump()
+        assert [h.op for h, _ in g.recv(refill=False)] == [Op.VIRTIO_VSOCK_OP_RESPONSE]
+        sock, _ = listener.accept(timeout=0)
+        sock.sendall(b"data the guest cannot take yet")
+        g.add_rx(layout="single", payload=0)            # again header only, and nothing else
+        g.rxq.kick(force=True)
+        busy = [g.loop.run_once(0) for _ in range(50)]
+        assert busy[-10:] == [0] * 10, busy              # idle, not spinning
+        assert g.recv(refill=False) == []
+        g.add_rx()                                      # a buffer with room: the data goes
+        g.rxq.kick(force=True)
+        g.pump()
+        assert [(h.op, data) for h, data in g.recv(refill=False)] == [
+            (Op.VIRTIO_VSOCK_OP_RW, b"data the guest cannot take yet")]
+        sock.close()
+        listener.close()
     finally:
         g.close()
