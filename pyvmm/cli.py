@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json                 # here, not when --metrics is written: at the fd limit an import fails
 import logging
 import sys
 import termios
@@ -219,7 +220,6 @@ def cmd_run(args) -> int:
 
 
 def _write_metrics(path: str, vm, result) -> None:
-    import json
     doc = {"status": result.status, "reason": result.reason, "timings": result.timings,
            "exits": dict(result.exit_counts)}
     if vm.vsock_device is not None:

@@ -390,6 +390,10 @@ class VsockMuxer:
                     break
         except ConnectionRefusedError:
             stream = None
+        except OSError as e:            # a host resource ran out (EMFILE, ENOBUFS, ...): refused
+            self.host_errors.report("host end could not take a guest connection", str(e))
+            self.metrics["host_errors"] += 1
+            stream = None
         if stream is None:
             self.metrics["conns_refused"] += 1
             self._reply_rst(hdr)

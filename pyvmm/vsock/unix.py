@@ -80,6 +80,7 @@ from .connection import CONN_REQUEST_TIMEOUT, HostStream
 from .wire import DGRAM_MAX_PAYLOAD, VMADDR_PORT_ANY, VirtioVsockType
 
 __all__ = [
+    "ACCEPT_RETRY",
     "CONNECT_LINE_MAX",
     "CONNECT_TIMEOUT",
     "DGRAM_SUFFIX",
@@ -108,6 +109,10 @@ CONNECT_TIMEOUT = 2.0
 MAX_HANDSHAKES = 64
 #: accepted per listener wake-up (the rest wait for the next loop iteration)
 _ACCEPT_BATCH = 16
+#: seconds a listener stops accepting after accept() failed for want of a resource (EMFILE,
+#: ENFILE, ENOBUFS, ENOMEM): the pending peer keeps the socket readable, so retrying at once
+#: would spin the I/O thread
+ACCEPT_RETRY = 0.1
 #: the SOCK_SEQPACKET listener is ``uds_path + SEQPACKET_SUFFIX``
 SEQPACKET_SUFFIX = ".seqpacket"
 #: draft mode: host datagrams for the guest go to ``uds_path + DGRAM_SUFFIX``; guest
@@ -271,8 +276,11 @@ class UnixBackend(VsockBackend):
                 sock, _addr = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:       # e.g. EMFILE: try again on the next wake-up
+            except OSError as e:       # e.g. EMFILE: pause this listener, then try again
                 self.host_errors.report("accept on the vsock uds listener failed", str(e))
+                self.metrics["host_errors"] += 1
+                self.host.remove_fd(listener.fileno())
+                self.host.call_later(ACCEPT_RETRY, self._resume_accept, listener, vtype)
                 return
             self.metrics["unix_accepted"] += 1
             if len(self._handshakes) >= self.max_handshakes:
@@ -358,6 +366,11 @@ class UnixBackend(VsockBackend):
             hs.timer.cancel()
         if close:
             hs.sock.close()
+
+    def _resume_accept(self, listener: socket.socket, vtype: int) -> None:
+        if listener.fileno() >= 0:      # not closed by stop() meanwhile
+            self.host.add_reader(listener.fileno(), lambda: self._on_accept(listener, vtype))
+            self._on_accept(listener, vtype)
 
     # -- datagrams (draft mode) -------------------------------------------------------------
     def _on_datagrams(self) -> None:

@@ -4,6 +4,12 @@ or by trying pyvmm as a new user would."""
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
+import socket
+
+from pyvmm.vsock.unix import ACCEPT_RETRY
 from test_vsock_backend import FakeBackend, guest_with
 from vsock_guest import Guest, Op
 
@@ -74,4 +80,57 @@ def test_header_only_rx_buffer_while_data_is_owed_does_not_spin(uds):
         sock.close()
         listener.close()
     finally:
+        g.close()
+
+
+class _OutOfFds(FakeBackend):
+    def connect_guest(self, port, vtype, peer):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_a_host_end_out_of_fds_refuses_the_guest_and_the_device_keeps_working():
+    """At the fd limit a host end cannot open the socket for a guest REQUEST: that is an
+    RST for the guest and a counted host error, not an exception out of the tx path
+    (which would leave the chain in flight and the device in DEVICE_NEEDS_RESET)."""
+    g = guest_with(_OutOfFds())
+    try:
+        g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 5000, 700)
+        assert [h.op for h, _ in g.take()] == [Op.VIRTIO_VSOCK_OP_RST]
+        assert len(g.tx_done()) == 1                    # the chain came back
+        c = g.dev.counters()
+        assert c["host_errors"] == 1
+        assert "host end could not take a guest connection" in c["host_errors_by_reason"]
+        assert g.transport.device_errors == {} and not g.transport._needs_reset
+    finally:
+        g.close()
+
+
+def test_accept_at_the_fd_limit_pauses_the_listener_instead_of_spinning(uds):
+    """EMFILE on accept() leaves the peer pending and the listener readable: the listener
+    pauses for ACCEPT_RETRY (the loop goes idle) and serves the peer once fds are free."""
+    g = Guest(uds)
+    client = socket.socket(socket.AF_UNIX)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hogs = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        try:
+            while True:
+                hogs.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError as e:
+            assert e.errno == errno.EMFILE
+        client.connect(uds)                             # queued in the listener's backlog
+        busy = [g.loop.run_once(0) for _ in range(30)]
+        assert busy[-10:] == [0] * 10, busy              # paused, not spinning
+        assert "accept on the vsock uds listener failed" in g.dev.counters()["host_errors_by_reason"]
+        for fd in hogs:
+            os.close(fd)
+        hogs.clear()
+        g.advance(ACCEPT_RETRY)                         # the listener resumes and accepts
+        assert g.dev.counters()["unix_accepted"] == 1
+    finally:
+        for fd in hogs:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        client.close()
         g.close()
