@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json                 # here, not when --metrics is written: at the fd limit an import fails
 import logging
+import signal
 import sys
 import termios
 import tty
@@ -243,13 +244,38 @@ def _format_times(t: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
+@contextlib.contextmanager
+def _terminate_like_ctrl_c():
+    """SIGTERM and SIGHUP stop the machine exactly as Ctrl-C does (clean-up: host sockets
+    unlinked, threads joined, --metrics written), exiting 143 / 129.  The first signal
+    raises :class:`~pyvmm.machine.Terminated` in the main thread; later ones are ignored
+    so that they cannot interrupt the clean-up the first one started."""
+    from .machine import Terminated
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Terminated(signum)
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "info":
             return cmd_info()
-        return cmd_run(args)
+        with _terminate_like_ctrl_c():
+            return cmd_run(args)
+    except KeyboardInterrupt as e:      # before the machine ran (it handles them once it runs)
+        return 128 + e.signum if hasattr(e, "signum") else 130
     except ConfigError as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
         return 2

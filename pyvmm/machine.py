@@ -70,7 +70,25 @@ class ExitStatus:
     GUEST_CRASH = 1        # triple fault, KVM internal error, failed VM entry
     CONFIG = 2             # bad command line, kernel, initrd, no /dev/kvm
     TIMEOUT = 124          # --timeout expired (as coreutils timeout)
+    HANGUP = 129           # SIGHUP (128 + 1, the shell's convention)
     INTERRUPTED = 130      # Ctrl-C
+    TERMINATED = 143       # SIGTERM (128 + 15): systemd, Docker, CI runners, kill
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by a termination signal's handler (the CLI installs it
+    for SIGTERM and SIGHUP): stops the machine exactly as Ctrl-C does, with its own
+    status (:class:`ExitStatus`) and reason."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupted(e: KeyboardInterrupt) -> tuple[int, str]:
+    if isinstance(e, Terminated):
+        return 128 + e.signum, f"terminated ({signal.Signals(e.signum).name})"
+    return ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)"
 
 
 @dataclass
@@ -432,7 +450,8 @@ class Machine:
     def wait(self, timeout: float | None = None) -> RunResult:
         """Block until the run ends (or ``timeout``, defaulting to the config's).
 
-        Ctrl-C (KeyboardInterrupt) at any point stops the machine cleanly."""
+        Ctrl-C (KeyboardInterrupt) at any point stops the machine cleanly, and so does
+        :class:`Terminated` (SIGTERM / SIGHUP, when the caller installed that handler)."""
         timeout = self.config.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -443,8 +462,8 @@ class Machine:
                         self.stop(ExitStatus.TIMEOUT, f"timed out after {timeout:g} s")
                 self._join_vcpus()
                 break
-            except KeyboardInterrupt:
-                self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
+            except KeyboardInterrupt as e:
+                self.stop(*_interrupted(e))
         if self._result.status == ExitStatus.TIMEOUT:
             for line in self.vcpu_states():
                 log.info("%s", line)
@@ -453,8 +472,8 @@ class Machine:
     def run(self) -> RunResult:
         try:
             self.start()
-        except KeyboardInterrupt:
-            self.stop(ExitStatus.INTERRUPTED, "interrupted (Ctrl-C)")
+        except KeyboardInterrupt as e:
+            self.stop(*_interrupted(e))
         return self.wait()
 
     def vcpu_states(self) -> list[str]:

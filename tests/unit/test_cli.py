@@ -6,8 +6,11 @@ that need KVM's own limits are marked ``kvm``.
 
 import argparse
 import errno
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -158,3 +161,38 @@ def test_vsock_proto_and_pairs_errors_are_one_line_and_exit_2(spec, message):
     result = pyvmm("run", "--kernel", "/nonexistent", "--vsock", spec)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result
     assert message in result.stderr.strip().splitlines()[-1], result.stderr      # after argparse's usage
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("sig, status, name", [(signal.SIGTERM, 143, "SIGTERM"),
+                                               (signal.SIGHUP, 129, "SIGHUP"),
+                                               (signal.SIGINT, 130, "Ctrl-C")])
+def test_termination_signals_clean_up_like_ctrl_c(tmp_path, sig, status, name):
+    """What systemd, Docker and CI runners send: the guest stops, the Unix sockets are
+    removed, --metrics is written, all within 1 s of the signal."""
+    import json
+    from pyvmm import images
+    uds, metrics = tmp_path / "v.sock", tmp_path / "m.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--kernel",
+                             str(images.freestanding_guest()), "--vsock", f"3,uds={uds}",
+                             "--metrics", str(metrics), "--serial", "stdio", "--timeout", "60",
+                             "--cmdline", "vsock-echo-server port=1234 conns=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:                        # the guest is up and serving
+            if b"vsock listening 1234" in line:
+                break
+        else:
+            raise AssertionError(proc.stderr.read().decode())
+        assert uds.exists() and os.path.exists(f"{uds}.seqpacket")
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        assert proc.wait(10) == status, proc.stderr.read().decode()
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert elapsed < 1.0, elapsed
+    assert not uds.exists() and not os.path.exists(f"{uds}.seqpacket")
+    doc = json.loads(metrics.read_text())
+    assert doc["status"] == status and name in doc["reason"], doc["reason"]
