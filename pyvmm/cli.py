@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json                 # here, not when --metrics is written: at the fd limit an import fails
 import logging
+import resource
 import signal
 import sys
 import termios
@@ -166,9 +167,25 @@ def cmd_info() -> int:
     return 0
 
 
+#: the soft RLIMIT_NOFILE ``pyvmm run`` raises itself to (at most the hard limit): the vsock
+#: device may hold 1023 connections (MAX_CONNECTIONS) and 1024 Unix peers in the CONNECT
+#: handshake (MAX_HANDSHAKES), one fd each, beside its own; many systems start at 1024
+NOFILE_WANTED = 4096
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE_WANTED if hard == resource.RLIM_INFINITY else min(NOFILE_WANTED, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if want < NOFILE_WANTED:
+        log.warning("open files limited to %d (hard limit): fewer vsock connections fit", want)
+
+
 def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig   # numpy import only when a VM is made
 
+    _raise_nofile()
     vcpu_cpus = affinity.cpu_set(args.vcpu_affinity, "--vcpu-affinity")
     io_cpus = affinity.cpu_set(args.io_affinity, "--io-affinity")
     kernel, initrd = args.kernel, args.initrd

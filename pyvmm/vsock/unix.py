@@ -22,6 +22,11 @@ helpers) works unchanged:
   parses it.  The line, newline included, must arrive within
   :data:`CONNECT_LINE_MAX` (32) bytes and :data:`CONNECT_TIMEOUT` seconds;
   anything else closes the socket and counts ``unix_handshake_errors``.
+  At most :data:`MAX_HANDSHAKES` (1024) peers may be in that handshake at
+  once; beyond it the *oldest* is closed (counted) to admit the newest, so
+  peers that connect and stay silent -- even re-opened in a loop -- cannot
+  lock out a well-behaved client, which sends its line at once and so is
+  always among the newest.
   Once the guest accepts (RESPONSE) we write ``OK <host_port>\\n`` (host
   ports round-robin from [2**30, 2**31)); if it refuses (RST) or does not
   answer, the socket is closed.  Bytes after the newline are payload: they
@@ -105,8 +110,9 @@ _SOCK_TYPE = {STREAM: socket.SOCK_STREAM, SEQPACKET: socket.SOCK_SEQPACKET}
 CONNECT_LINE_MAX = 32
 #: seconds a host peer has to finish its CONNECT line
 CONNECT_TIMEOUT = 2.0
-#: Unix connections allowed to be in the CONNECT handshake at once
-MAX_HANDSHAKES = 64
+#: Unix connections allowed to be in the CONNECT handshake at once; the oldest is closed to
+#: admit a new one beyond it (a silent peer cannot lock others out; each costs one fd here)
+MAX_HANDSHAKES = 1024
 #: accepted per listener wake-up (the rest wait for the next loop iteration)
 _ACCEPT_BATCH = 16
 #: seconds a listener stops accepting after accept() failed for want of a resource (EMFILE,
@@ -284,8 +290,11 @@ class UnixBackend(VsockBackend):
                 return
             self.metrics["unix_accepted"] += 1
             if len(self._handshakes) >= self.max_handshakes:
-                self._fail_sock(sock, "too many Unix connections in the CONNECT handshake")
-                continue
+                oldest = next(iter(self._handshakes.values()))     # dicts keep insertion order
+                self._drop(oldest)
+                self.metrics["unix_handshake_errors"] += 1
+                self.host_errors.report("oldest Unix peer in the CONNECT handshake closed "
+                                        "(MAX_HANDSHAKES pending)")
             sock.setblocking(False)
             hs = _Handshake(sock, vtype)
             self._handshakes[sock.fileno()] = hs

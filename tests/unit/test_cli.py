@@ -196,3 +196,32 @@ def test_termination_signals_clean_up_like_ctrl_c(tmp_path, sig, status, name):
     assert not uds.exists() and not os.path.exists(f"{uds}.seqpacket")
     doc = json.loads(metrics.read_text())
     assert doc["status"] == status and name in doc["reason"], doc["reason"]
+
+
+@pytest.mark.kvm
+def test_run_raises_its_open_files_limit(tmp_path):
+    """Started with the common soft limit of 1024 open files, pyvmm run raises it to
+    NOFILE_WANTED (within the hard limit): 1023 vsock connections and 1024 CONNECT
+    handshakes need more."""
+    import resource
+    from pyvmm import images
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1024:
+        pytest.skip(f"the hard open-files limit is {hard}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", "--kernel", str(images.freestanding_guest()),
+         "--vsock", f"3,uds={tmp_path / 'v.sock'}", "--timeout", "60",
+         "--cmdline", "vsock-echo-server port=1234 conns=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    try:
+        for line in proc.stdout:
+            if b"vsock listening 1234" in line:
+                break
+        with open(f"/proc/{proc.pid}/limits") as f:
+            row = next(line for line in f if line.startswith("Max open files"))
+        soft_now = int(row.split()[3])
+        assert soft_now == min(cli.NOFILE_WANTED, hard), row
+    finally:
+        proc.kill()
+        proc.wait()

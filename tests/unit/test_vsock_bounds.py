@@ -9,6 +9,8 @@ import os
 import resource
 import socket
 
+import pytest
+
 from pyvmm.vsock.unix import ACCEPT_RETRY
 from test_vsock_backend import FakeBackend, guest_with
 from vsock_guest import Guest, Op
@@ -134,3 +136,46 @@ def test_accept_at_the_fd_limit_pauses_the_listener_instead_of_spinning(uds):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         client.close()
         g.close()
+
+
+def test_two_thousand_silent_peers_do_not_lock_out_a_well_behaved_client(uds):
+    """2,000 Unix connections that never send their CONNECT line, held open: a client that
+    does send it is still served at once (the oldest silent ones are closed to make room),
+    and pyvmm never holds more than MAX_HANDSHAKES of them."""
+    from pyvmm.vsock.unix import MAX_HANDSHAKES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2000 + MAX_HANDSHAKES + 256
+    if soft < want:
+        if hard < want:
+            pytest.skip(f"needs {want} file descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    g = Guest(uds)
+    silent = []
+    try:
+        for _ in range(2000):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(uds)
+            except BlockingIOError:                     # the listen backlog is full: let pyvmm accept
+                g.pump()
+                s.setblocking(True)
+                s.connect(uds)
+            silent.append(s)
+            if len(silent) % 64 == 0:
+                g.pump()
+        g.pump()
+        assert len(g.unix._handshakes) <= MAX_HANDSHAKES
+        good = socket.socket(socket.AF_UNIX)
+        good.connect(uds)
+        good.sendall(b"CONNECT 1234\n")
+        g.pump()
+        reqs = [h for h, _ in g.recv() if h.op == Op.VIRTIO_VSOCK_OP_REQUEST]
+        assert [h.dst_port for h in reqs] == [1234]
+        assert g.dev.counters()["unix_handshake_errors"] >= 2000 - MAX_HANDSHAKES
+        good.close()
+    finally:
+        for s in silent:
+            s.close()
+        g.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

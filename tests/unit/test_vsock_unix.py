@@ -112,15 +112,18 @@ def test_peer_closes_before_line(guest, uds):
     assert guest.dev.counters()["unix_handshake_errors"] == 1
 
 
-def test_too_many_handshakes(uds):
+def test_too_many_handshakes_closes_the_oldest(uds):
     from pyvmm.vsock import unix
     g = Guest(uds)
     g.unix.max_handshakes = 2
     try:
         socks = [connect(uds) for _ in range(3)]
         g.pump()
-        assert closed_without_reply(socks[2])
+        assert closed_without_reply(socks[0])           # the oldest made room for the newest
         assert g.dev.counters()["unix_handshake_errors"] == 1
+        socks[2].sendall(b"CONNECT 52\n")               # the newest is still being served
+        g.pump()
+        assert ops(g.recv()) == [Op.VIRTIO_VSOCK_OP_REQUEST]
     finally:
         g.close()
     assert unix.MAX_HANDSHAKES >= 2
