@@ -16,11 +16,15 @@ benchmarks compare against.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
+import sys
+import termios
 import threading
 import time
 
@@ -319,3 +323,41 @@ def test_hostile_connect_lines_are_closed_and_the_guest_is_still_served(uds, mod
     assert f"vsock echo done 1 {len(payload)}" in run.console, run.explain()
     assert run.vsock["unix_handshake_errors"] >= len(HOSTILE_CONNECT_LINES), run.vsock
     assert run.vsock["host_connects"] == 1 and run.vsock["guest_errors"] == 0, run.vsock
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_host_peer_that_never_reads_throttles_the_guest_and_rss_stays_flat(tmp_path, mode,
+                                                                              record_property):
+    """The guest sends 1 GiB to a host peer that accepts and never reads: credit throttles
+    the guest (pyvmm holds at most the connection's window), so pyvmm's RSS stays flat."""
+    uds = str(tmp_path / "v.sock")
+    listener = listen_unix(f"{uds}_2001")
+    vsock = f"3,uds={uds}" + ("" if mode.proto == "virtio" else f",proto={mode.proto},pairs={mode.pairs}")
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "-q", "run", "--kernel",
+                             str(images.freestanding_guest()), "--vsock", vsock, "--timeout", "120",
+                             "--cmdline", f"vsock-bulk-send port=2001 bytes={1 << 30} chunk=65536"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        listener.settimeout(60)
+        conn, _ = listener.accept()                     # ...and never read from it
+        samples = []
+        for _ in range(15):                             # sampling interval, not synchronisation
+            time.sleep(0.2)
+            samples.append(_rss_kib(proc.pid))
+        queued = struct.unpack("i", fcntl.ioctl(conn, termios.FIONREAD, b"\0" * 4))[0]
+        assert queued > 0, "the guest sent nothing: nothing was throttled"
+        assert proc.poll() is None, proc.stderr.read().decode()   # still running, throttled
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        listener.close()
+    growth = max(samples[5:]) - min(samples[5:])
+    record_property("pyvmm_rss_peak_kib", max(samples))
+    print(f"never-reading peer ({mode.proto}): pyvmm RSS {min(samples)}..{max(samples)} KiB, "
+          f"growth over the last 2 s {growth} KiB, {queued} bytes waiting in the peer's socket")
+    assert growth < 4096, samples                       # flat: less than 4 MiB of drift

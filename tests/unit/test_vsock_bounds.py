@@ -179,3 +179,46 @@ def test_two_thousand_silent_peers_do_not_lock_out_a_well_behaved_client(uds):
             s.close()
         g.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_burst_of_ten_thousand_connects_stays_bounded_and_drains(uds):
+    """10,000 host peers each send a CONNECT line and hang up at once, faster than the guest
+    answers: pyvmm never holds more than MAX_CONNECTIONS connections or MAX_HANDSHAKES
+    handshakes, what the guest never answered expires, and a well-behaved client afterwards
+    is served as usual."""
+    from pyvmm.vsock.connection import CONN_REQUEST_TIMEOUT
+    from pyvmm.vsock.muxer import MAX_CONNECTIONS
+    from pyvmm.vsock.unix import MAX_HANDSHAKES
+    g = Guest(uds, rx_buffers=0)                        # the guest answers nothing for now
+    peak = 0
+    try:
+        for i in range(10_000):
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(uds)
+                s.send(b"CONNECT 1234\n")
+            except (BlockingIOError, ConnectionRefusedError):
+                pass                                    # the listen backlog is full: that peer gives up
+            s.close()
+            if i % 100 == 99:
+                g.pump()
+                peak = max(peak, len(g.dev.muxer.connections))
+                assert len(g.unix._handshakes) <= MAX_HANDSHAKES
+        g.pump()
+        assert peak <= MAX_CONNECTIONS
+        g.advance(CONN_REQUEST_TIMEOUT + 0.1)           # the REQUESTs never went out: forgotten
+        g.pump()
+        assert len(g.dev.muxer.connections) == 0, len(g.dev.muxer.connections)
+        for _ in range(8):
+            g.add_rx()
+        g.rxq.kick(force=True)
+        good = socket.socket(socket.AF_UNIX)
+        good.connect(uds)
+        good.sendall(b"CONNECT 1234\n")
+        g.pump()
+        reqs = [h for h, _ in g.recv() if h.op == Op.VIRTIO_VSOCK_OP_REQUEST]
+        assert [h.dst_port for h in reqs] == [1234]
+        good.close()
+    finally:
+        g.close()
