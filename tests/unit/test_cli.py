@@ -225,3 +225,55 @@ def test_run_raises_its_open_files_limit(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.kvm
+def test_after_sigkill_the_host_peer_sees_the_end_and_the_next_start_reuses_the_paths(tmp_path):
+    """SIGKILL cannot be cleaned up after: a host peer mid-conversation sees EOF or a reset at
+    once, the socket files stay behind, and the next pyvmm on the same paths replaces them."""
+    import socket
+    from pyvmm import images
+    uds = tmp_path / "v.sock"
+
+    def start():
+        p = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--kernel",
+                              str(images.freestanding_guest()), "--vsock", f"3,uds={uds}",
+                              "--timeout", "60", "--cmdline", "vsock-echo-server port=1234 conns=1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        for line in p.stdout:
+            if b"vsock listening 1234" in line:
+                return p
+        raise AssertionError(p.stderr.read().decode())
+
+    def talk():
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(30)
+        s.connect(str(uds))
+        s.sendall(b"CONNECT 1234\n")
+        assert s.recv(64).startswith(b"OK ")
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+        return s
+
+    first = start()
+    try:
+        peer = talk()
+        first.kill()
+        t0 = time.monotonic()
+        peer.settimeout(5)
+        try:
+            end = peer.recv(64)
+        except ConnectionResetError:
+            end = b""
+        assert end == b"" and time.monotonic() - t0 < 1.0
+        peer.close()
+    finally:
+        first.kill()
+        first.wait()
+    assert uds.exists()                                  # left behind by SIGKILL
+    second = start()                                     # binds over the stale files
+    try:
+        talk().close()
+    finally:
+        second.terminate()
+        second.wait(10)
