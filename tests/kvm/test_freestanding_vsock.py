@@ -361,3 +361,31 @@ def test_a_host_peer_that_never_reads_throttles_the_guest_and_rss_stays_flat(tmp
     print(f"never-reading peer ({mode.proto}): pyvmm RSS {min(samples)}..{max(samples)} KiB, "
           f"growth over the last 2 s {growth} KiB, {queued} bytes waiting in the peer's socket")
     assert growth < 4096, samples                       # flat: less than 4 MiB of drift
+
+
+def test_transport_reset_during_traffic_ends_connections_and_new_ones_work(uds):
+    """VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (standard mode: the draft has no event queue) in
+    the middle of a conversation: the host peer sees its connection end, the guest drops
+    its side, and a new connection echoes as usual."""
+    with guest(uds, MODES["virtio"], "vsock-echo-server port=1234 conns=2") as g:
+        g.wait_for(PREFIX + "vsock listening 1234")
+        first = connect_unix(uds, 1234)
+        first.settimeout(30)
+        first.sendall(b"before the reset")
+        assert first.recv(64) == b"before the reset"
+        g.vsock.transport_reset()
+        try:
+            end = first.recv(64)
+        except ConnectionResetError:
+            end = b""
+        assert end == b""                                 # the host peer sees the end
+        first.close()
+        g.wait_for(PREFIX + "vsock transport reset")    # the guest took the event: a connection
+        with connect_unix(uds, 1234) as second:         # made before that would be dropped too
+            second.sendall(b"after the reset")
+            second.shutdown(socket.SHUT_WR)
+            assert recv_all(second) == b"after the reset"
+        run = g.finish(60)
+    assert run.vsock["transport_resets"] == 1 and run.vsock["events_sent"] == 1, run.vsock
+    assert "ended: transport reset" in run.console and "vsock echo done 2" in run.console, run.explain()
+    assert run.result.status == ExitStatus.GUEST_RESET, run.explain()
