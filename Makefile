@@ -26,7 +26,7 @@ APT_PACKAGES := python3-venv build-essential linux-source-6.1 bc bison flex libe
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k serial -x"
 PYTEST_ARGS ?=
 
-.PHONY: all demo test unit bench bench-quick deps print-apt-packages venv kernel guest freestanding initramfs clean distclean
+.PHONY: all demo test unit bench bench-quick fuzz soak deps print-apt-packages venv kernel guest freestanding initramfs clean distclean
 
 all: kernel guest venv
 
@@ -70,6 +70,24 @@ bench: venv guest
 
 bench-quick: venv guest
 	$(PY) -m bench --quick
+
+# Coverage-guided fuzzing of the queue parser, the virtio-mmio registers and the vsock device
+# (tests/fuzz; no KVM): FUZZ_SECONDS per target; what reaches new code is kept in
+# tests/fuzz/corpus/<target> (make test replays it and fuzzes each target for 20 s)
+FUZZ_SECONDS ?= 300
+fuzz: venv
+	@for t in queue mmio vsock; do echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+		(cd tests/fuzz && ../../$(PY) run.py $$t -max_total_time=$(FUZZ_SECONDS) \
+			-print_final_stats=1 corpus/$$t) || exit 1; done
+
+# The seed's stress test (tests/stress.py) repeated until DURATION seconds are up: CONNS
+# connections at once, MIB each way each, SHA-256 checked; prints the totals, fails on any loss
+DURATION ?= 1800
+CONNS ?= 64
+MIB ?= 64
+PROTO ?= virtio
+soak: venv guest
+	$(PY) tests/stress.py --duration $(DURATION) --conns $(CONNS) --mib $(MIB) --proto $(PROTO)
 
 # Tests that need neither KVM nor built images.
 unit: venv

@@ -307,10 +307,12 @@ def _rfc2013_unpack(buf) -> VsockHeader:
 
 
 def _rfc2013_pack_into(buf, hdr: VsockHeader) -> None:
-    # an UNKNOWN type goes back as the number it came as (an RST echoes the packet's type)
+    # an UNKNOWN type or op goes back as the number it came as (an RST echoes the packet's
+    # type; pyvmm never sends an unknown op, but a test driver may)
     RFC2013_HDR.pack_into(buf, 0, hdr.src_cid, hdr.src_port, hdr.dst_cid, hdr.dst_port, hdr.len,
-                          _RFC2013_TYPE_NUMBER.get(hdr.type, hdr.type & 0xFF), _RFC2013_OP_NUMBER[hdr.op],
-                          hdr.flags, hdr.fwd_cnt, hdr.buf_alloc)
+                          _RFC2013_TYPE_NUMBER.get(hdr.type, hdr.type & 0xFF),
+                          _RFC2013_OP_NUMBER.get(hdr.op, hdr.op & 0xFF), hdr.flags, hdr.fwd_cnt,
+                          hdr.buf_alloc)
 
 
 RFC2013 = WireFormat(
