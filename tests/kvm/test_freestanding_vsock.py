@@ -389,3 +389,19 @@ def test_transport_reset_during_traffic_ends_connections_and_new_ones_work(uds):
     assert run.vsock["transport_resets"] == 1 and run.vsock["events_sent"] == 1, run.vsock
     assert "ended: transport reset" in run.console and "vsock echo done 2" in run.console, run.explain()
     assert run.result.status == ExitStatus.GUEST_RESET, run.explain()
+
+
+def test_a_host_peer_dying_mid_transfer_resets_the_guests_side(uds, mode):
+    """The host peer of a guest-initiated connection closes in the middle of the transfer:
+    the guest gets SHUTDOWN and then RST (Firecracker's order, CONN_SHUTDOWN_TIMEOUT), its
+    side ends as reset by the peer, and pyvmm counts nothing against the guest."""
+    listener = listen_unix(f"{uds}_2000")
+    with guest(uds, mode, "vsock-echo-client port=2000 size=4096 count=100000") as g:
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.close()                                      # the peer dies
+        run = g.finish(60)
+    assert re.search(r"vsock echo client: connection ended after \d+ of \d+ echoed bytes: reset by peer",
+                     run.console), run.explain()
+    assert run.vsock["rst_sent"] >= 1 and run.vsock["guest_errors"] == 0, run.vsock
+    assert run.vsock["connections"] == 0
