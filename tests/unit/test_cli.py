@@ -277,3 +277,40 @@ def test_after_sigkill_the_host_peer_sees_the_end_and_the_next_start_reuses_the_
     finally:
         second.terminate()
         second.wait(10)
+
+
+@pytest.mark.kvm
+def test_when_the_guest_is_stopped_mid_conversation_the_host_peer_sees_the_end_at_once(tmp_path):
+    """The watchdog (--timeout) ends a guest that is in the middle of a conversation: pyvmm
+    exits 124 with its reason, and the host peer sees EOF (or a reset) within 1 s of that."""
+    import socket
+    from pyvmm import images
+    uds = tmp_path / "v.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--kernel",
+                             str(images.freestanding_guest()), "--vsock", f"3,uds={uds}",
+                             "--timeout", "3", "--cmdline", "vsock-echo-server port=1234 conns=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        for line in proc.stdout:
+            if b"vsock listening 1234" in line:
+                break
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(30)
+        s.connect(str(uds))
+        s.sendall(b"CONNECT 1234\n")
+        assert s.recv(64).startswith(b"OK ")
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+        try:                                              # ... and now the watchdog fires
+            end = s.recv(64)
+        except ConnectionResetError:
+            end = b""
+        t_end = time.monotonic()
+        assert end == b""
+        status = proc.wait(10)
+        t_exit = time.monotonic()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert status == 124, proc.stderr.read().decode()
+    assert t_exit - t_end < 1.0
