@@ -29,29 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harness import connect_unix  # noqa: E402  (tests/ is this script's directory)
 from pyvmm import images  # noqa: E402
 
 PORT = 1234
 CHUNK = 64 * 1024
 #: the guest's echo server serves at most this many connections at once (VSOCK_MAX_CONNS)
 GUEST_MAX_CONNS = 64
-
-
-def _connect(uds: str, port: int) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(60)
-    s.connect(uds)
-    s.sendall(f"CONNECT {port}\n".encode())
-    line = b""
-    while not line.endswith(b"\n"):
-        c = s.recv(1)
-        if not c:
-            raise ConnectionError(f"CONNECT {port}: closed after {line!r}")
-        line += c
-    if not line.startswith(b"OK "):
-        raise ConnectionError(f"CONNECT {port}: {line!r}")
-    s.setblocking(False)
-    return s
 
 
 def one_round(conns: int, nbytes: int, vsock_options: str = "") -> dict:
@@ -89,7 +73,9 @@ def one_round(conns: int, nbytes: int, vsock_options: str = "") -> dict:
 
 def _echo_streams(uds: str, conns: int, nbytes: int) -> dict:
     block = os.urandom(1 << 20)                              # sent with a per-connection offset
-    socks = [_connect(uds, PORT) for _ in range(conns)]
+    socks = [connect_unix(uds, PORT) for _ in range(conns)]
+    for s in socks:
+        s.setblocking(False)
     state = {s: {"sent": 0, "back": 0, "out": hashlib.sha256(), "in": hashlib.sha256(), "i": i}
              for i, s in enumerate(socks)}
     sel = selectors.DefaultSelector()
