@@ -31,15 +31,20 @@ GUEST_VSOCK_CHUNK_MAX = 65536          # VSOCK_TX_PAYLOAD in guest/freestanding/
 GUEST_CONSOLE_CHUNK_MAX = 4096         # CONSOLE_BUF_SIZE in guest/freestanding/virtio_console.c
 PORT = 5000
 
-for _s in SIZES:
-    _n, _l = size_name(_s), size_label(_s)
-    for _vmm in ("pyvmm", "qemu"):
-        for _dir, _what in (("g2h", "guest->host"), ("h2g", "host->guest")):
-            metric(f"{_vmm}.{_dir}.{_n}", "Gb/s", "higher", f"{_vmm} {_what} {_l}")
-            metric(f"{_vmm}.cpu.{_dir}.{_n}", "s/GB", "lower",
-                   f"{_vmm} CPU per GB {_what} {_l} (excl. vCPU threads)")
-            metric(f"{_vmm}.cputotal.{_dir}.{_n}", "s/GB", "lower",
-                   f"{_vmm} CPU per GB {_what} {_l} (incl. vCPU threads)")
+def bulk_metrics(prefix: str, sizes, label: str) -> None:
+    """Declare the Gb/s and CPU-per-GB metrics of ``prefix`` (pyvmm, qemu, draft) per size."""
+    for size in sizes:
+        n, sl = size_name(size), size_label(size)
+        for direction, what in (("g2h", "guest->host"), ("h2g", "host->guest")):
+            metric(f"{prefix}.{direction}.{n}", "Gb/s", "higher", f"{label} {what} {sl}")
+            metric(f"{prefix}.cpu.{direction}.{n}", "s/GB", "lower",
+                   f"{label} CPU per GB {what} {sl} (excl. vCPU threads)")
+            metric(f"{prefix}.cputotal.{direction}.{n}", "s/GB", "lower",
+                   f"{label} CPU per GB {what} {sl} (incl. vCPU threads)")
+
+
+for _vmm in ("pyvmm", "qemu"):
+    bulk_metrics(_vmm, SIZES, _vmm)
 
 
 def _total(ctx: Context, size: int) -> int:

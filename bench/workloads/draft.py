@@ -13,9 +13,9 @@ Same guest ELF, same scenarios, same host side as the standard rows (``bulk.py``
 
 from __future__ import annotations
 
-from ..common import Context, size_label, size_name, teststream
+from ..common import Context, teststream
 from . import metric, workload
-from .bulk import _total, pyvmm_g2h_once, pyvmm_h2g_once
+from .bulk import _total, bulk_metrics, pyvmm_g2h_once, pyvmm_h2g_once
 from .echo import echo_streams
 
 DRAFT = "proto=rfc2013,pairs=1"
@@ -23,13 +23,7 @@ SIZES = (4096, 65536)
 STREAMS = 4
 ECHO_MODES = {"virtio": "", "rfc2013-1pair": DRAFT, f"rfc2013-{STREAMS}pairs": f"proto=rfc2013,pairs={STREAMS}"}
 
-for _s in SIZES:
-    for _dir, _what in (("g2h", "guest->host"), ("h2g", "host->guest")):
-        metric(f"draft.{_dir}.{size_name(_s)}", "Gb/s", "higher", f"draft mode {_what} {size_label(_s)}")
-        metric(f"draft.cpu.{_dir}.{size_name(_s)}", "s/GB", "lower",
-               f"draft mode CPU per GB {_what} {size_label(_s)} (excl. vCPU threads)")
-        metric(f"draft.cputotal.{_dir}.{size_name(_s)}", "s/GB", "lower",
-               f"draft mode CPU per GB {_what} {size_label(_s)} (incl. vCPU threads)")
+bulk_metrics("draft", SIZES, "draft mode")
 for _mode in ECHO_MODES:
     metric(f"modes.echo{STREAMS}.{_mode}", "Gb/s", "higher", f"{STREAMS} echo streams, {_mode}")
 

@@ -163,6 +163,44 @@ def test_vsock_proto_and_pairs_errors_are_one_line_and_exit_2(spec, message):
     assert message in result.stderr.strip().splitlines()[-1], result.stderr      # after argparse's usage
 
 
+def echo_guest(uds, *options, timeout="60", **popen):
+    """``pyvmm run`` of the freestanding guest's echo server (one connection) on ``uds``, as a
+    process; returns once the guest listens.  ``options`` go to ``pyvmm run``."""
+    from pyvmm import images
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--kernel",
+                             str(images.freestanding_guest()), "--vsock", f"3,uds={uds}",
+                             "--timeout", timeout, *options,
+                             "--cmdline", "vsock-echo-server port=1234 conns=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            **popen)
+    for line in proc.stdout:
+        if b"vsock listening 1234" in line:
+            return proc
+    proc.wait()
+    raise AssertionError(proc.stderr.read().decode())
+
+
+def ping(uds):
+    """A host connection to the echo guest (CONNECT, OK, one echo); left open."""
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(str(uds))
+    s.sendall(b"CONNECT 1234\n")
+    assert s.recv(64).startswith(b"OK ")
+    s.sendall(b"ping")
+    assert s.recv(4) == b"ping"
+    return s
+
+
+def closed(s) -> bool:
+    """Whether the peer of ``s`` is gone (EOF, or a reset)."""
+    try:
+        return s.recv(64) == b""
+    except ConnectionResetError:
+        return True
+
+
 @pytest.mark.kvm
 @pytest.mark.parametrize("sig, status, name", [(signal.SIGTERM, 143, "SIGTERM"),
                                                (signal.SIGHUP, 129, "SIGHUP"),
@@ -171,19 +209,9 @@ def test_termination_signals_clean_up_like_ctrl_c(tmp_path, sig, status, name):
     """What systemd, Docker and CI runners send: the guest stops, the Unix sockets are
     removed, --metrics is written, all within 1 s of the signal."""
     import json
-    from pyvmm import images
     uds, metrics = tmp_path / "v.sock", tmp_path / "m.json"
-    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--kernel",
-                             str(images.freestanding_guest()), "--vsock", f"3,uds={uds}",
-                             "--metrics", str(metrics), "--serial", "stdio", "--timeout", "60",
-                             "--cmdline", "vsock-echo-server port=1234 conns=1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = echo_guest(uds, "--metrics", str(metrics))
     try:
-        for line in proc.stdout:                        # the guest is up and serving
-            if b"vsock listening 1234" in line:
-                break
-        else:
-            raise AssertionError(proc.stderr.read().decode())
         assert uds.exists() and os.path.exists(f"{uds}.seqpacket")
         t0 = time.monotonic()
         proc.send_signal(sig)
@@ -204,20 +232,12 @@ def test_run_raises_its_open_files_limit(tmp_path):
     NOFILE_WANTED (within the hard limit): 1023 vsock connections and 1024 CONNECT
     handshakes need more."""
     import resource
-    from pyvmm import images
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1024:
         pytest.skip(f"the hard open-files limit is {hard}")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyvmm", "run", "--kernel", str(images.freestanding_guest()),
-         "--vsock", f"3,uds={tmp_path / 'v.sock'}", "--timeout", "60",
-         "--cmdline", "vsock-echo-server port=1234 conns=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
+    proc = echo_guest(tmp_path / "v.sock",
+                      preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)))
     try:
-        for line in proc.stdout:
-            if b"vsock listening 1234" in line:
-                break
         with open(f"/proc/{proc.pid}/limits") as f:
             row = next(line for line in f if line.startswith("Max open files"))
         soft_now = int(row.split()[3])
@@ -231,49 +251,22 @@ def test_run_raises_its_open_files_limit(tmp_path):
 def test_after_sigkill_the_host_peer_sees_the_end_and_the_next_start_reuses_the_paths(tmp_path):
     """SIGKILL cannot be cleaned up after: a host peer mid-conversation sees EOF or a reset at
     once, the socket files stay behind, and the next pyvmm on the same paths replaces them."""
-    import socket
-    from pyvmm import images
     uds = tmp_path / "v.sock"
-
-    def start():
-        p = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--kernel",
-                              str(images.freestanding_guest()), "--vsock", f"3,uds={uds}",
-                              "--timeout", "60", "--cmdline", "vsock-echo-server port=1234 conns=1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-        for line in p.stdout:
-            if b"vsock listening 1234" in line:
-                return p
-        raise AssertionError(p.stderr.read().decode())
-
-    def talk():
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(30)
-        s.connect(str(uds))
-        s.sendall(b"CONNECT 1234\n")
-        assert s.recv(64).startswith(b"OK ")
-        s.sendall(b"ping")
-        assert s.recv(4) == b"ping"
-        return s
-
-    first = start()
+    first = echo_guest(uds)
     try:
-        peer = talk()
+        peer = ping(uds)
         first.kill()
         t0 = time.monotonic()
         peer.settimeout(5)
-        try:
-            end = peer.recv(64)
-        except ConnectionResetError:
-            end = b""
-        assert end == b"" and time.monotonic() - t0 < 1.0
+        assert closed(peer) and time.monotonic() - t0 < 1.0
         peer.close()
     finally:
         first.kill()
         first.wait()
     assert uds.exists()                                  # left behind by SIGKILL
-    second = start()                                     # binds over the stale files
+    second = echo_guest(uds)                             # binds over the stale files
     try:
-        talk().close()
+        ping(uds).close()
     finally:
         second.terminate()
         second.wait(10)
@@ -283,32 +276,15 @@ def test_after_sigkill_the_host_peer_sees_the_end_and_the_next_start_reuses_the_
 def test_when_the_guest_is_stopped_mid_conversation_the_host_peer_sees_the_end_at_once(tmp_path):
     """The watchdog (--timeout) ends a guest that is in the middle of a conversation: pyvmm
     exits 124 with its reason, and the host peer sees EOF (or a reset) within 1 s of that."""
-    import socket
-    from pyvmm import images
     uds = tmp_path / "v.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--kernel",
-                             str(images.freestanding_guest()), "--vsock", f"3,uds={uds}",
-                             "--timeout", "3", "--cmdline", "vsock-echo-server port=1234 conns=1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = echo_guest(uds, timeout="3")
     try:
-        for line in proc.stdout:
-            if b"vsock listening 1234" in line:
-                break
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(30)
-        s.connect(str(uds))
-        s.sendall(b"CONNECT 1234\n")
-        assert s.recv(64).startswith(b"OK ")
-        s.sendall(b"ping")
-        assert s.recv(4) == b"ping"
-        try:                                              # ... and now the watchdog fires
-            end = s.recv(64)
-        except ConnectionResetError:
-            end = b""
+        peer = ping(uds)
+        assert closed(peer)                              # ... once the watchdog fires
         t_end = time.monotonic()
-        assert end == b""
         status = proc.wait(10)
         t_exit = time.monotonic()
+        peer.close()
     finally:
         proc.kill()
         proc.wait()
