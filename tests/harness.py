@@ -89,12 +89,12 @@ class LiveGuest:
 
     def __init__(self, kernel, *, cmdline: str = "", initrd=None, cpus: int = 1,
                  mem: int = 64 << 20, timeout: float = 60.0, vsock: VsockConfig | None = None,
-                 default_cmdline: bool = True) -> None:
+                 default_cmdline: bool = True, stdin=None) -> None:
         self.console = _Console()
         self.config = MachineConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None,
                                     cmdline=cmdline, mem=mem, cpus=cpus, timeout=timeout,
                                     serial_out=self.console, default_cmdline=default_cmdline,
-                                    vsock=vsock)
+                                    vsock=vsock, stdin=stdin)
         self.vm: Machine | None = None
         self._ended = threading.Event()
         self._result: RunResult | None = None

@@ -3,10 +3,11 @@
  *
  * Registers at COM1_BASE + n (National Semiconductor PC16550D datasheet,
  * "Register Summary"; DLAB = 0):
- *   0 THR  transmit holding register (write)
+ *   0 THR  transmit holding register (write); RBR receive buffer (read)
  *   1 IER  interrupt enable
  *   3 LCR  line control: word length, stop bits, parity, DLAB
- *   5 LSR  line status; bit 5 THRE = THR empty, may write the next byte
+ *   5 LSR  line status; bit 5 THRE = THR empty, may write the next byte;
+ *          bit 0 DR = a received byte waits in RBR
  * No interrupts are used: every byte waits for THRE, then goes to THR.  On
  * a VMM each IN and OUT is one exit, so a byte costs two.  The UART is driven
  * at CPL0 only (serial_init from cpu_init_bsp; CPL3 lines arrive through the
@@ -26,6 +27,7 @@
 #define UART_LSR        5
 #define UART_LCR_8N1    0x03    /* 8 data bits, no parity, 1 stop bit */
 #define UART_LSR_THRE   0x20
+#define UART_LSR_DR     0x01
 
 void serial_init(void)
 {
@@ -73,4 +75,13 @@ void say(const char *fmt, ...)
 	va_end(ap);
 	line[n++] = '\n';
 	console_write(line, n);
+}
+
+/* The next byte the host typed, or -1 if none waits (two port reads, at any
+ * CPL: by system call at CPL3). */
+int serial_getc(void)
+{
+	if (!(sys_inb(COM1_BASE + UART_LSR) & UART_LSR_DR))
+		return -1;
+	return sys_inb(COM1_BASE + UART_THR);
 }

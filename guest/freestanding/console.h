@@ -12,6 +12,7 @@
 
 void serial_init(void);
 void serial_write(const char *s, size_t n);     /* '\n' becomes "\r\n" */
+int serial_getc(void);                          /* a received byte, or -1; any CPL */
 void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 #endif

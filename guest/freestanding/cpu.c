@@ -134,6 +134,9 @@ static void syscall_dispatch(struct trap_frame *f)
 		outb((uint16_t)f->rdi, (uint8_t)f->rsi);
 		f->rax = 0;
 		return;
+	case SYS_INB:
+		f->rax = inb((uint16_t)f->rdi);
+		return;
 	case SYS_CONSOLE_WRITE:
 		serial_write((const char *)f->rdi, (size_t)f->rsi);
 		f->rax = 0;
@@ -157,6 +160,13 @@ void sys_outb(uint16_t port, uint8_t value)
 		outb(port, value);
 	else
 		syscall2(SYS_OUTB, port, value);
+}
+
+uint8_t sys_inb(uint16_t port)
+{
+	if (cpu_cpl() == 0)
+		return inb(port);
+	return (uint8_t)syscall2(SYS_INB, port, 0);
 }
 
 /* Is the instruction at rip an IN or OUT (opcodes E4-E7, EC-EF, with at most

@@ -66,6 +66,7 @@ enum syscall_number {
 	SYS_INT3 = 3,           /* execute INT3 at CPL0 (internal-error how=int3) */
 	SYS_OUTB = 4,           /* outb(port = RDI, value = RSI) */
 	SYS_CONSOLE_WRITE = 5,  /* serial_write(buf = RDI, len = RSI) */
+	SYS_INB = 6,            /* inb(port = RDI): the byte read */
 };
 
 static inline uint64_t syscall2(uint64_t number, uint64_t arg0, uint64_t arg1)
@@ -85,5 +86,7 @@ static inline unsigned cpu_cpl(void)
 
 /* Port output from any CPL: directly at CPL0, by system call at CPL3. */
 void sys_outb(uint16_t port, uint8_t value);
+/* Port input from any CPL, the same way. */
+uint8_t sys_inb(uint16_t port);
 
 #endif

@@ -1042,6 +1042,248 @@ static void case_draft_dgram_credit(void)
 
 /* --- dispatch ------------------------------------------------------------------ */
 
+/* --- with VIRTIO_F_INDIRECT_DESC negotiated --------------------------------- */
+
+/* ind-*: the driver asks for VIRTIO_F_INDIRECT_DESC (vsock_extra_features)
+ * and sends, per round, a tx chain whose one descriptor is an indirect
+ * table (§2.7.5.3) of two entries: a header and a 100-byte payload, an RW
+ * for no connection.  ind-good keeps every rule and must be answered (an
+ * RST); each other shape breaks one rule of §2.7.5.3.1 and must be dropped
+ * with used.len 0 and never answered:
+ *   ind-outside  the table beyond RAM        ind-len-zero  table len 0
+ *   ind-len-odd  table len 24 (not 16k)      ind-huge      more entries than the queue
+ *   ind-nested   an entry is INDIRECT        ind-next      INDIRECT | NEXT on the head
+ *   ind-loop     entry 1 NEXT -> entry 0     ind-range     entry 1 NEXT -> 2 (of 2)
+ *   ind-buf      entry 1's buffer beyond RAM */
+static const struct { const char *name; char shape; } ind_cases[] = {
+	{ "ind-good", 'G' }, { "ind-outside", 'O' }, { "ind-len-zero", 'Z' },
+	{ "ind-len-odd", 'U' }, { "ind-huge", 'H' }, { "ind-nested", 'N' },
+	{ "ind-next", 'X' }, { "ind-loop", 'L' }, { "ind-range", 'R' }, { "ind-buf", 'B' },
+};
+
+static char ind_shape(const char *w)
+{
+	for (unsigned i = 0; i < sizeof(ind_cases) / sizeof(ind_cases[0]); i++)
+		if (!strcmp(w, ind_cases[i].name))
+			return ind_cases[i].shape;
+	return 0;
+}
+
+static struct virtq_desc ind_table[VIRTQ_MAX_SIZE + 1] __attribute__((aligned(16)));
+
+static void case_indirect(int shape)
+{
+	struct virtq *q = txq();
+	uint32_t bad_len = 0;
+
+	for (unsigned r = 0; r < nrounds; r++) {
+		raw_begin();
+		struct virtio_vsock_hdr *h = raw_hdr(RAW_PORT_BASE + r, port, VIRTIO_VSOCK_TYPE_STREAM,
+						     VIRTIO_VSOCK_OP_RW, 100);
+		uint64_t table = (uintptr_t)ind_table;
+		uint32_t table_len = 2 * sizeof(struct virtq_desc);
+		uint16_t head_flags = VIRTQ_DESC_F_INDIRECT;
+
+		memset(ind_table, 0, sizeof(ind_table));
+		ind_table[0] = (struct virtq_desc){ (uintptr_t)h, sizeof(*h), VIRTQ_DESC_F_NEXT, 1 };
+		ind_table[1] = (struct virtq_desc){ (uintptr_t)raw_payload, 100, 0, 0 };
+		switch (shape) {
+		case 'O': table = OUTSIDE_RAM; break;
+		case 'Z': table_len = 0; break;
+		case 'U': table_len = 24; break;
+		case 'H': table_len = (q->size + 1u) * sizeof(struct virtq_desc); break;
+		case 'N': ind_table[0].flags = VIRTQ_DESC_F_INDIRECT; break;
+		case 'X': head_flags |= VIRTQ_DESC_F_NEXT; break;
+		case 'L': ind_table[1].flags = VIRTQ_DESC_F_NEXT; ind_table[1].next = 0; break;
+		case 'R': ind_table[1].flags = VIRTQ_DESC_F_NEXT; ind_table[1].next = 2; break;
+		case 'B': ind_table[1].addr = OUTSIDE_RAM; break;
+		}
+		struct virtq_buf b = { h, sizeof(*h) };
+		uint16_t head = raw_add(q, &b, 1, 0);
+		struct virtq_desc *d = raw_patch(q, head, 0);
+
+		d->addr = table;
+		d->len = table_len;
+		d->flags = head_flags;
+		d->next = head;                 /* ind-next: back to itself, never followed */
+		raw_commit(q);
+		bad_len += used_lens[0];
+	}
+	probe();
+	say("hostile %s done n=%u used_len=%u replies=%u", what, nrounds, bad_len, replies(nrounds));
+}
+
+/* --- the host drives: a byte on the serial port says "go on" ------------------ */
+
+/* Wait for any byte from the host (the test's "go"), touching no device:
+ * no timeout here, the run's own timeout bounds it. */
+static void wait_for_host(void)
+{
+	while (serial_getc() < 0)
+		cpu_relax();
+}
+
+/* ev-short, ev-readonly, ev-outside: one bad buffer posted on the event
+ * queue ahead of the driver's (a 2-byte buffer, a device-readable one, one
+ * beyond RAM), then "ready": the test makes the host post
+ * VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.  The device must return the bad
+ * buffer with used.len 0, write nothing into it, and deliver the event in
+ * the next buffer.  The bad buffer's token is a spare 4-byte buffer the
+ * driver re-posts, well-formed, when it comes back. */
+static uint8_t ev_spare[8] __attribute__((aligned(8)));
+static int ev_shape;
+
+static void post_bad_event(void)
+{
+	struct virtq *q = vsock_queue(2);
+	struct virtq_buf b = { ev_spare, 4 };
+	uint16_t head = q->free_head;
+
+	memset(ev_spare, 0xaa, sizeof(ev_spare));
+	if (virtq_add(q, &b, 0, 1, ev_spare))
+		fail("no free descriptor on the event queue");
+	struct virtq_desc *d = &q->desc[head];
+
+	if (ev_shape == 'S')
+		d->len = 2;
+	else if (ev_shape == 'R')
+		d->flags &= (uint16_t)~VIRTQ_DESC_F_WRITE;
+	else
+		d->addr = OUTSIDE_RAM;
+}
+
+static void case_event_bad(void)
+{
+	say("hostile %s ready", what);
+	WAIT_UNTIL(vsock_stats.transport_resets == 1, "no TRANSPORT_RESET event");
+	unsigned untouched = 1;
+
+	for (unsigned i = 0; i < sizeof(ev_spare); i++)
+		untouched &= ev_spare[i] == 0xaa;
+	say("hostile %s done untouched=%u resets=%lu", what, untouched,
+	    (unsigned long)vsock_stats.transport_resets);
+}
+
+/* reset-mid: a device reset (§2.4: status 0) in the middle of traffic.  Two
+ * connections to the host's echo port stream 4 KiB packets; once RESET_AFTER
+ * bytes have come back on each and more are in flight both ways, the driver
+ * resets the device and sets it up again (vsock_open), says "was-reset" and
+ * waits for the host's go (the test checks its peers saw their connections
+ * end meanwhile); the echo afterwards needs a new connection. */
+#define RESET_AFTER     (256u << 10)
+#define RESET_CHUNK     4096u
+
+static void count_data(struct vsock_conn *c, const uint8_t *data, uint32_t len, uint32_t flags)
+{
+	(void)data;
+	(void)flags;
+	c->user[0] += len;
+}
+
+static int count_init(struct vsock_conn *c)
+{
+	c->on_data = count_data;
+	return 0;
+}
+
+static void case_reset_mid(const struct args *a)
+{
+	struct vsock_conn *c[2];
+
+	for (unsigned k = 0; k < 2; k++)
+		if (!(c[k] = vsock_connect(VSOCK_HOST_CID, port, VIRTIO_VSOCK_TYPE_STREAM, count_init)))
+			fail("connect failed");
+	for (uint32_t i = 0; i < RESET_CHUNK; i++)
+		raw_payload[i] = pattern(i);
+	for (int more = 2; more > 0;) {
+		uint32_t queued;
+
+		for (unsigned k = 0; k < 2; k++) {
+			if (c[k]->state != VSOCK_ESTABLISHED)
+				fail("a streaming connection ended before the reset");
+			vsock_send(c[k], raw_payload, RESET_CHUNK, 0, &queued);
+		}
+		vsock_flush();
+		vsock_poll();
+		if (c[0]->user[0] >= RESET_AFTER && c[1]->user[0] >= RESET_AFTER)
+			more--;                 /* one more round in flight, then reset */
+	}
+	say("hostile %s resetting echoed=%lu,%lu", what, (unsigned long)c[0]->user[0],
+	    (unsigned long)c[1]->user[0]);
+	vsock_open(a, idle);
+	unsigned ended = 0;
+
+	for (unsigned k = 0; k < 2; k++) {
+		ended += c[k]->state == VSOCK_CLOSED && !strcmp(c[k]->why, "device reset");
+		vsock_release(c[k]);
+	}
+	say("hostile %s was-reset", what);
+	wait_for_host();
+	say("hostile %s done conns=2 ended=%u", what, ended);
+}
+
+/* stop-rx: the guest stops consuming rx while host peers keep sending.  It
+ * opens STALL_CONNS connections to the host's port fport (each host peer
+ * sends pattern() bytes until it closes), and once data flows on all of
+ * them says "stalled" and neither polls nor gives rx buffers back until the
+ * host's go; then it takes everything, checking every byte. */
+#define STALL_CONNS     4
+
+static void stall_data(struct vsock_conn *c, const uint8_t *data, uint32_t len, uint32_t flags)
+{
+	(void)flags;
+	for (uint32_t i = 0; i < len; i++)
+		c->user[1] += data[i] != pattern((uint32_t)(c->user[0] + i));
+	c->user[0] += len;
+}
+
+static int stall_init(struct vsock_conn *c)
+{
+	c->on_data = stall_data;
+	return 0;
+}
+
+static int all_have_data(struct vsock_conn **c)
+{
+	for (unsigned k = 0; k < STALL_CONNS; k++)
+		if (!c[k]->user[0])
+			return 0;
+	return 1;
+}
+
+static int all_ended_by_peer(struct vsock_conn **c)
+{
+	for (unsigned k = 0; k < STALL_CONNS; k++)
+		if (c[k]->state == VSOCK_ESTABLISHED &&
+		    !(c[k]->peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND))
+			return 0;
+	return 1;
+}
+
+static void case_rx_stall(uint32_t fport)
+{
+	struct vsock_conn *c[STALL_CONNS];
+	uint64_t bytes = 0, bad = 0;
+
+	for (unsigned k = 0; k < STALL_CONNS; k++)
+		if (!(c[k] = vsock_connect(VSOCK_HOST_CID, fport, VIRTIO_VSOCK_TYPE_STREAM, stall_init)))
+			fail("connect failed");
+	WAIT_UNTIL(all_have_data(c), "no data from the host peers");
+	say("hostile %s stalled", what);
+	wait_for_host();
+	WAIT_UNTIL(all_ended_by_peer(c), "the host peers did not finish");
+	for (unsigned k = 0; k < STALL_CONNS; k++) {
+		bytes += c[k]->user[0];
+		bad += c[k]->user[1];
+		if (c[k]->state == VSOCK_ESTABLISHED)
+			close_conn(c[k]);
+		else if (strcmp(wait_closed(c[k]), "clean"))
+			fail("a stalled connection was reset");
+	}
+	say("hostile %s done conns=%u bytes=%lu bad=%lu", what, STALL_CONNS,
+	    (unsigned long)bytes, (unsigned long)bad);
+}
+
 void scenario_hostile(const struct args *a)
 {
 	uint64_t v;
@@ -1092,6 +1334,14 @@ void scenario_hostile(const struct args *a)
 		vsock_feature_mask = ~VIRTIO_BIT(VIRTIO_VSOCK_F_SEQPACKET);
 	else if (!strcmp(w, "draft-request-on-controlq"))
 		vsock_queues_hook = setup_controlq;
+	else if (ind_shape(w))
+		vsock_extra_features = VIRTIO_BIT(VIRTIO_F_INDIRECT_DESC);
+	else if (!strncmp(w, "ev-", 3)) {
+		ev_shape = !strcmp(w, "ev-short") ? 'S' : !strcmp(w, "ev-readonly") ? 'R' :
+			   !strcmp(w, "ev-outside") ? 'O' : 0;
+		if (ev_shape)
+			vsock_open_hook = post_bad_event;
+	}
 
 	vsock_open(a, idle);
 	vsock_open_hook = NULL;
@@ -1160,6 +1410,14 @@ void scenario_hostile(const struct args *a)
 		case_rst_on_conn('W');
 	else if (!strcmp(w, "mmio-width"))
 		case_mmio();
+	else if (ev_shape)
+		case_event_bad();
+	else if (!strcmp(w, "reset-mid"))
+		case_reset_mid(a);
+	else if (!strcmp(w, "stop-rx"))
+		case_rx_stall((uint32_t)fport);
+	else if (ind_shape(w))
+		case_indirect(ind_shape(w));
 	else if (!strcmp(w, "draft-attach-first"))
 		case_draft_out_of_order(VSOCK_OP_ATTACH);
 	else if (!strcmp(w, "draft-offer-first"))

@@ -100,6 +100,7 @@ int (*vsock_rx_hook)(const struct vsock_pkt *h, const uint8_t *payload);
 void (*vsock_queues_hook)(void);
 void (*vsock_open_hook)(void);
 uint64_t vsock_feature_mask = ~0ull;
+uint64_t vsock_extra_features;
 
 struct virtio_mmio_dev *vsock_device(void)
 {
@@ -677,6 +678,7 @@ static void handle_event(uint32_t id)
 	if (id != VIRTIO_VSOCK_EVENT_TRANSPORT_RESET)
 		return;
 	guest_cid = proto->config_cid(dev);
+	vsock_stats.transport_resets++;
 	for (unsigned i = 0; i < VSOCK_MAX_CONNS; i++) {
 		struct vsock_conn *c = &vsock_conns[i];
 
@@ -776,7 +778,11 @@ void vsock_open(const struct args *a, uint64_t idle)
 		guest_exit(1);
 	proto = dev->device_id == VIRTIO_ID_VSOCK_DRAFT ? &vsock_proto_draft :
 		&vsock_proto_standard;
-	if (virtio_mmio_begin(dev, proto->features & vsock_feature_mask))
+	/* A (re)start is a device reset (§2.4.1): every connection is gone. */
+	for (unsigned i = 0; i < VSOCK_MAX_CONNS; i++)
+		if (vsock_conns[i].state != VSOCK_FREE && vsock_conns[i].state != VSOCK_CLOSED)
+			conn_abort(&vsock_conns[i], "device reset", 0);
+	if (virtio_mmio_begin(dev, (proto->features | vsock_extra_features) & vsock_feature_mask))
 		guest_exit(1);
 
 	/* The queue pairs: all the device has (up to MAX_PAIRS), or fewer if

@@ -243,7 +243,7 @@ typedef int (*vsock_accept_fn)(struct vsock_conn *c);
 
 struct vsock_stats {
 	uint64_t rx_packets, tx_packets, dropped, rst_sent, credit_requests_sent,
-		 credit_updates_sent, credit_violations, close_timeouts;
+		 credit_updates_sent, credit_violations, close_timeouts, transport_resets;
 	/* draft mode (printed on a line of their own) */
 	uint64_t handshake_timeouts, wrong_pair, dgram_rx, dgram_tx, dgram_dropped;
 };
@@ -346,6 +346,8 @@ extern void (*vsock_queues_hook)(void);
 extern void (*vsock_open_hook)(void);
 /* The feature bits vsock_open may accept (default: all it wants). */
 extern uint64_t vsock_feature_mask;
+/* Feature bits asked for on top of the mode's own (hostile: INDIRECT_DESC). */
+extern uint64_t vsock_extra_features;
 /* The device and its queues, for hand-written rings: vsock_queue by the
  * device's queue index (NULL for one the driver did not set up, such as
  * the draft's controlq), or by pair. */

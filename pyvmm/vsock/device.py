@@ -340,6 +340,8 @@ class VsockDevice(VirtioDevice):
             self._process(self._rx_index[lane])
 
     def _do_reset(self) -> None:
+        if self._queues is not None:
+            self.metrics["device_resets"] += 1     # a live device: its connections end here
         self.muxer.reset_all()
         self.muxer.seqpacket = False
         self._forget_queues()
@@ -487,6 +489,7 @@ class VsockDevice(VirtioDevice):
                 if not chains:
                     if rx.enable_notification():
                         continue        # buffers arrived while we looked
+                    self.metrics["rx_starved"] += 1
                     return              # the guest will kick rx when it refills
                 want *= 2
                 stock.extend(RxBuffer(chain, wire) for chain in chains)

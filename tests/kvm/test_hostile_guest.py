@@ -5,7 +5,11 @@ hostile.c, README "Hostile mode") breaks one rule per boot on purpose: bad
 descriptor addresses, looping chains, wrong lengths, a corrupt available ring,
 credit overruns, packets for connections that do not exist, unknown ops and
 types, a REQUEST flood past the connection bound, notifies before DRIVER_OK,
-unusable queue configurations.  Each test boots one case (well under a second
+unusable queue configurations, bad indirect tables with VIRTIO_F_INDIRECT_DESC
+negotiated, bad event buffers, a device reset mid-traffic, a guest that stops
+consuming rx while host peers keep sending (the last three with the host
+acting midway: ``hostile(during=...)``, the guest waiting for a byte on its
+serial port).  Each test boots one case (well under a second
 here) and checks what pyvmm must do per the spec and its documented choices
 (pyvmm/virtio/queue.py, mmio.py, vsock/*.py docstrings):
 
@@ -27,9 +31,14 @@ the RST that answers it; a reply to the bad packet would have arrived first.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import select
 import socket
 import threading
+import time
+
+import numpy as np
 
 import pytest
 
@@ -49,13 +58,15 @@ ECHO_OK = PREFIX + "hostile echo ok 3000"
 
 
 class EchoHost:
-    """A Unix listener at ``<uds>_<port>`` that echoes every connection; counts accepts."""
+    """A Unix listener at ``<uds>_<port>`` that echoes every connection; counts
+    accepts and connections ended (EOF or reset)."""
 
     def __init__(self, path: str, backlog: int = 64, serve: bool = True) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         self.sock.listen(backlog)
-        self.accepted = 0
+        self.accepted = self.ended = 0
+        self._changed = threading.Condition()
         self._stop = False
         if serve:
             threading.Thread(target=self._serve, daemon=True).start()
@@ -69,14 +80,21 @@ class EchoHost:
             self.accepted += 1
             threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _echo(self, conn: socket.socket) -> None:
         with conn:
             try:
                 while data := conn.recv(1 << 16):
                     conn.sendall(data)
             except OSError:
                 pass            # pyvmm reset the connection: expected in some cases
+        with self._changed:
+            self.ended += 1
+            self._changed.notify_all()
+
+    def wait_ended(self, n: int, timeout: float) -> bool:
+        """Have ``n`` connections ended within ``timeout`` seconds?"""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.ended >= n, timeout)
 
     def pending(self) -> bool:
         """A connection waiting to be accepted (only for serve=False)?"""
@@ -121,11 +139,19 @@ def uds(tmp_path):
     echo.close()
 
 
-def hostile(uds, case, n=1, extra="", *, echo=True, **vsock_kw) -> Outcome:
-    """Run hostile case ``case``; ``vsock_kw`` go to VsockConfig (proto=, pairs=)."""
+def hostile(uds, case, n=1, extra="", *, echo=True, during=None, **vsock_kw) -> Outcome:
+    """Run hostile case ``case``; ``vsock_kw`` go to VsockConfig (proto=, pairs=).
+
+    ``during(g, go)``, if given, runs while the guest does: ``g`` is the
+    :class:`LiveGuest`, ``go()`` sends the byte the guest's ``wait_for_host``
+    waits for on its serial port."""
     cmd = f"hostile what={case} port={PORT} n={n} {extra}".strip()
-    with LiveGuest(images.freestanding_guest(), cmdline=cmd, timeout=60,
-                   vsock=VsockConfig(3, uds, **vsock_kw)) as g:
+    go_r, go_w = os.pipe()
+    with os.fdopen(go_r, "rb", buffering=0) as go_in, os.fdopen(go_w, "wb", buffering=0) as go_out, \
+            LiveGuest(images.freestanding_guest(), cmdline=cmd, timeout=60, stdin=go_in,
+                      vsock=VsockConfig(3, uds, **vsock_kw)) as g:
+        if during is not None:
+            during(g, lambda: go_out.write(b"g"))
         run = g.finish(60)
         transport = g.vm.virtio_slots[0].transport
         out = Outcome(case, run, [dict(q.errors.counts) for q in transport.queues],
@@ -406,3 +432,193 @@ def test_malformed_rst_on_a_connection_is_not_answered(uds, case):
     replies to an RST)."""
     out = hostile(uds, case, n=2)
     assert out.done == {"n": "2", "answered": "0"}, out.run.explain()
+
+
+# --- indirect tables, with VIRTIO_F_INDIRECT_DESC negotiated ---------------------------
+
+INDIRECT_CASES = {
+    "ind-outside": "indirect table outside guest memory",          # table at 0x80000000
+    "ind-len-zero": "indirect table length is 0 or not a multiple of 16",
+    "ind-len-odd": "indirect table length is 0 or not a multiple of 16",    # 24 bytes
+    "ind-huge": "indirect table longer than the queue size",       # queue size + 1 entries
+    "ind-nested": "VIRTQ_DESC_F_INDIRECT inside an indirect table",
+    "ind-next": "VIRTQ_DESC_F_INDIRECT together with VIRTQ_DESC_F_NEXT",
+    "ind-loop": "descriptor chain loops or is longer than its table (ttl)",   # entry 1 -> 0
+    "ind-range": "descriptor next index out of range",             # entry 1 -> 2, of 2
+    "ind-buf": "descriptor buffer outside guest memory",           # entry 1's buffer
+}
+F_INDIRECT_DESC = 1 << 28
+
+
+@pytest.mark.parametrize("case", INDIRECT_CASES)
+def test_bad_indirect_table_is_dropped(uds, case, caplog):
+    """§2.7.5.3.1 with the feature negotiated: a table that breaks a rule is the
+    whole chain's error (returned with used.len 0, never answered, counted)."""
+    caplog.set_level(logging.WARNING)
+    out = hostile(uds, case, n=2)
+    reason = INDIRECT_CASES[case]
+    assert out.snapshot["driver_features"] & F_INDIRECT_DESC, out.snapshot
+    assert out.done == {"n": "2", "used_len": "0", "replies": "0"}, out.run.explain()
+    assert out.queue_errors[1] == {reason: 2}, out.queue_errors
+    assert logged(caplog, reason) == 1
+    assert out.snapshot["queues"][1]["broken"] is None
+    assert "DEVICE_NEEDS_RESET" not in out.snapshot["status"]
+
+
+def test_a_good_indirect_table_is_read_like_a_chain(uds):
+    out = hostile(uds, "ind-good", n=2)
+    assert out.snapshot["driver_features"] & F_INDIRECT_DESC, out.snapshot
+    assert out.done == {"n": "2", "used_len": "0", "replies": "2"}, out.run.explain()
+    assert out.queue_errors[1] == {}, out.queue_errors
+    # the two RWs (and the probe) for no connection, each answered with an RST
+    assert out.reasons() == {"guest packet for an unknown connection": 3}
+
+
+# --- the event queue: a bad buffer ahead of the good ones ---------------------------------
+
+@pytest.mark.parametrize("case, where, reason", [
+    ("ev-short", "device", "event buffer shorter than 4 bytes"),          # 2 bytes
+    ("ev-readonly", "device", "event buffer shorter than 4 bytes"),       # no F_WRITE
+    ("ev-outside", "queue", "descriptor buffer outside guest memory"),    # 0x80000000
+])
+def test_a_bad_event_buffer_is_returned_unwritten_and_the_event_uses_the_next(
+        uds, case, where, reason, caplog):
+    caplog.set_level(logging.WARNING)
+
+    def during(g, go):
+        g.wait_for(PREFIX + f"hostile {case} ready", timeout=30)
+        g.vsock.transport_reset()
+
+    out = hostile(uds, case, during=during)
+    assert out.done == {"untouched": "1", "resets": "1"}, out.run.explain()
+    assert out.vsock["transport_resets"] == 1 and out.vsock["events_sent"] == 1, out.vsock
+    errors = out.reasons() if where == "device" else out.queue_errors[2]
+    assert errors == {reason: 1}, (out.reasons(), out.queue_errors)
+    assert logged(caplog, reason) == 1
+
+
+# --- a device reset in the middle of traffic ----------------------------------------------
+
+def test_a_device_reset_mid_traffic_ends_the_host_peers_and_a_new_connection_works(
+        tmp_path, record_property):
+    """Two connections stream both ways; the guest resets the device (status 0)
+    with data in flight, sets it up again and waits: both host peers must have
+    seen their connection end within 1 s; then a new connection echoes."""
+    uds = str(tmp_path / "v.sock")
+    echo = EchoHost(f"{uds}_{PORT}")
+    seen = {}
+
+    def during(g, go):
+        g.wait_for(PREFIX + "hostile reset-mid resetting", timeout=30)
+        t0 = time.monotonic()
+        g.wait_for(PREFIX + "hostile reset-mid was-reset", timeout=30)
+        seen["ended"] = echo.wait_ended(2, timeout=1.0)
+        seen["seconds"] = time.monotonic() - t0
+        go()
+
+    try:
+        out = hostile(uds, "reset-mid", during=during)
+    finally:
+        echo.close()
+    assert seen["ended"], f"the host peers had not seen the reset 1 s after it: {echo.ended} ended"
+    record_property("host peers ended after the reset (s)", round(seen["seconds"], 3))
+    assert out.done == {"conns": "2", "ended": "2"}, out.run.explain()
+    assert out.vsock["device_resets"] == 1, out.vsock
+    assert out.reasons() == {}, out.reasons()
+    assert echo.accepted == 3 and echo.ended == 3          # the two streams, then the echo
+
+
+# --- a guest that stops consuming rx while host peers keep sending --------------------------
+
+STALL_PORT = 1503
+STALL_CONNS = 4                 # as hostile.c
+STALL_BYTES = 4 << 20           # per peer: far more than the guest's credit and the socket buffers
+STALL_BLOCKED = 1.0             # a peer counts as throttled once it could not write for this long
+
+
+def rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class StallPeers:
+    """The host peers of stop-rx: each accepted connection is sent STALL_BYTES of the
+    guest's pattern() (byte i = i * 131 + 7) and closed; ``sent[k]`` is peer k's progress,
+    ``blocked[k]`` whether its last wait for the socket to take more timed out."""
+
+    def __init__(self, path: str) -> None:
+        self.data = memoryview(((np.arange(STALL_BYTES, dtype=np.uint64) * 131 + 7) & 0xFF)
+                               .astype(np.uint8).tobytes())
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(STALL_CONNS)
+        self.sent = [0] * STALL_CONNS
+        self.blocked = [False] * STALL_CONNS
+        self.changed = threading.Condition()
+        self.errors: list[str] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        for k in range(STALL_CONNS):
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._send, args=(k, conn), daemon=True).start()
+
+    def _send(self, k: int, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        with conn:
+            try:
+                while self.sent[k] < STALL_BYTES:
+                    writable = bool(select.select([], [conn], [], STALL_BLOCKED)[1])
+                    with self.changed:
+                        self.blocked[k] = not writable
+                        self.changed.notify_all()
+                    if not writable:
+                        continue
+                    try:
+                        self.sent[k] += conn.send(self.data[self.sent[k]:])
+                    except BlockingIOError:
+                        pass
+            except OSError as e:
+                self.errors.append(f"peer {k}: {e!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_guest_that_stops_consuming_rx_throttles_the_host_peers_and_loses_nothing(
+        uds, record_property):
+    """The guest stops taking rx buffers back while four host peers send 4 MiB each:
+    pyvmm must stop reading them (every peer blocked, far short of its 4 MiB), hold
+    no data of its own (RSS flat), count the starvation, and, once the guest
+    consumes again, deliver every byte in order (the guest checks each one)."""
+    peers = StallPeers(f"{uds}_{STALL_PORT}")
+    seen = {}
+
+    def during(g, go):
+        g.wait_for(PREFIX + "hostile stop-rx stalled", timeout=30)
+        rss0 = rss_bytes()
+        with peers.changed:
+            peers.changed.wait_for(lambda: all(peers.blocked), timeout=60)
+        seen.update(blocked=list(peers.blocked), sent=list(peers.sent),
+                    grew=rss_bytes() - rss0, counters=g.vm.vsock_device.counters())
+        go()
+
+    try:
+        out = hostile(uds, "stop-rx", extra=f"fport={STALL_PORT}", during=during)
+    finally:
+        peers.close()
+    assert all(seen["blocked"]), f"pyvmm kept reading while the guest consumed nothing: {seen}"
+    assert sum(seen["sent"]) < STALL_CONNS * STALL_BYTES // 2, seen["sent"]
+    assert seen["counters"]["rx_starved"] >= 1, seen["counters"]
+    assert seen["grew"] < 8 << 20, f"RSS grew {seen['grew']} bytes while the guest was stalled"
+    record_property("stop-rx: bytes the peers got in before blocking", sum(seen["sent"]))
+    record_property("stop-rx: RSS growth while stalled (bytes)", seen["grew"])
+    assert out.done == {"conns": str(STALL_CONNS), "bytes": str(STALL_CONNS * STALL_BYTES),
+                        "bad": "0"}, out.run.explain()
+    assert peers.errors == [] and peers.sent == [STALL_BYTES] * STALL_CONNS
+    assert out.reasons() == {}, out.reasons()
