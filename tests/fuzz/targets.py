@@ -21,19 +21,27 @@ kept inputs (``tests/fuzz/corpus/<target>/``) and runs a short fuzz of each.
   (standard, and the 2013 draft with 1-4 pairs), driven by a mock guest driver
   sending arbitrary packets (any op, type, ports, CIDs, lengths, credit fields,
   any lane) and posting rx buffers of any layout, and by host events through the
-  Python API (listen, connect, write, shut down, close) and the clock.
+  Python API (listen, connect, write, shut down, close), through Firecracker's
+  Unix host end (peers on ``PATH`` and ``PATH.seqpacket`` sending CONNECT lines
+  or any bytes, services at ``PATH_<port>`` the guest connects to, datagrams of
+  any bytes on ``PATH.dgram`` in draft mode) and the clock.
   Invariants: nothing escapes the device or a loop callback; the device never
   needs a reset (the driver's rings are well formed here); every used element
   names a chain the driver made available, once (MockQueue checks that); the
   device never sends a connection more RW bytes than the guest's credit at the
-  time; the tables stay within their named bounds.
+  time; the tables stay within their named bounds; once the input is over and
+  everything is closed, the process holds exactly the file descriptors it held
+  before (no host peer can make pyvmm leak one).
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 import struct
 import sys
+import tempfile
 from pathlib import Path
 
 import atheris
@@ -54,7 +62,8 @@ from pyvmm.virtio.mmio import MmioTransport                             # noqa: 
 from pyvmm.vsock import VsockDevice                                     # noqa: E402
 from pyvmm.vsock.connection import Connection                          # noqa: E402
 from pyvmm.vsock.muxer import DGRAM_MAX_QUEUED, HOST_PORT_FIRST        # noqa: E402
-from pyvmm.vsock.unix import default_backends                          # noqa: E402
+from pyvmm.vsock.unix import (DGRAM_SUFFIX, SEQPACKET_SUFFIX, UnixBackend,  # noqa: E402
+                              default_backends)
 from pyvmm.vsock.wire import (DGRAM, OP_ATTACH, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE,  # noqa: E402
                               OP_NEGOTIATE, OP_OFFER, OP_REQUEST, OP_RESPONSE, OP_RST,
                               OP_RW, OP_SHUTDOWN, RFC2013, SEQPACKET, STREAM, VIRTIO)
@@ -164,25 +173,52 @@ class _CreditCheck:
         Connection.fill_rx, Connection.fill_rx_burst = self._fill_rx, self._fill_rx_burst
 
 
+_UDS_DIR = None                         # a temporary directory per process, made on first use
+_UDS_SEQ = itertools.count()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def fuzz_vsock(data: bytes) -> None:
+    fds_before = _open_fds()
+    _fuzz_vsock(data)
+    fds_after = _open_fds()
+    if fds_after != fds_before:
+        raise Violation(f"{fds_after - fds_before} file descriptors left open after the input")
+
+
+def _fuzz_vsock(data: bytes) -> None:
+    global _UDS_DIR
     from vsock_guest import Guest            # the mock Linux-like / draft driver (tests/unit)
     fdp = atheris.FuzzedDataProvider(data)
     draft = fdp.ConsumeBool()
     kw = dict(wire=RFC2013, pairs=fdp.ConsumeIntInRange(1, 4)) if draft else {}
     loop = EventLoop()
-    api, backends = default_backends(None)
+    if _UDS_DIR is None:
+        _UDS_DIR = tempfile.mkdtemp(prefix="pyvmm-fuzz-")
+    uds = os.path.join(_UDS_DIR, f"v{next(_UDS_SEQ)}")
+    api, backends = default_backends(uds)
     g = Guest(None, loop=loop, backends=backends, rx_buffers=fdp.ConsumeIntInRange(0, 8),
               rx_layout=_RX_LAYOUTS[fdp.ConsumeIntInRange(0, 2)], mem_mib=16, **kw)
     g.api = api
+    g.unix = next(b for b in backends if isinstance(b, UnixBackend))
     socks: list[socket.socket] = []
     listeners = [api.listen(80), api.listen(81, type=STREAM if draft else SEQPACKET)]
+    services = []                            # host services the guest may connect to: PATH_<port>
+    for port, kind in zip(_PORTS, (socket.SOCK_STREAM, socket.SOCK_SEQPACKET) * 3):
+        svc = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK)
+        svc.bind(f"{uds}_{port}")
+        svc.listen(4)
+        services.append(svc)
     try:
         with _CreditCheck() as credit:
             seen: list = []                           # the device's latest packets to the guest
             for _ in range(fdp.ConsumeIntInRange(1, 48)):
                 if fdp.remaining_bytes() == 0:
                     break
-                _step(fdp, g, api, socks, listeners, draft, seen)
+                _step(fdp, g, api, socks, listeners, draft, seen, services)
                 g.pump(50)
                 seen = [h for h, _ in g.recv(refill=fdp.ConsumeBool())] or seen
                 g.tx_done()
@@ -190,12 +226,14 @@ def fuzz_vsock(data: bytes) -> None:
                     raise Violation(credit.violation)
                 _check(g)
     finally:
-        for s in socks:
+        for s in socks + services:
             s.close()
         for lst in listeners:
             lst.close()
         g.close()
         loop.close()
+        for name in os.listdir(_UDS_DIR):
+            os.unlink(os.path.join(_UDS_DIR, name))
 
 
 #: what a well-behaved guest answers to the device's packets (the reflex action)
@@ -223,8 +261,11 @@ def _reflex(fdp, g, seen, draft: bool) -> None:
                    type=h.type, flags=fdp.ConsumeIntInRange(0, 3), buf_alloc=256 * 1024)
 
 
-def _step(fdp, g, api, socks, listeners, draft: bool, seen: list) -> None:
-    action = fdp.ConsumeIntInRange(0, 11)
+def _step(fdp, g, api, socks, listeners, draft: bool, seen: list, services: list) -> None:
+    action = fdp.ConsumeIntInRange(0, 13)
+    if action >= 12:
+        _unix_peer(fdp, g, socks, draft)
+        return
     if action >= 10:
         _reflex(fdp, g, seen, draft)
         return
@@ -270,6 +311,12 @@ def _step(fdp, g, api, socks, listeners, draft: bool, seen: list) -> None:
         for lst in listeners:
             while not lst._queue.empty():
                 socks.append(lst._queue.get_nowait()[0])
+        for svc in services:
+            while True:
+                try:
+                    socks.append(svc.accept()[0])
+                except OSError:
+                    break
         if socks:
             s = socks[fdp.ConsumeIntInRange(0, len(socks) - 1)]
             s.setblocking(False)
@@ -292,6 +339,36 @@ def _step(fdp, g, api, socks, listeners, draft: bool, seen: list) -> None:
         g.advance(fdp.ConsumeIntInRange(0, 3000) / 1000)
     else:                                                     # the host resets the transport
         api.transport_reset()
+
+
+def _unix_peer(fdp, g, socks, draft: bool) -> None:
+    """A local peer of the Unix host end: connects to PATH or PATH.seqpacket and sends a
+    CONNECT line to a known port or any bytes (the rest may follow as a "host peer
+    writes" step); or, in draft mode, sends a datagram of any bytes to PATH.dgram."""
+    uds = g.unix.uds_path
+    if draft and fdp.ConsumeIntInRange(0, 3) == 0:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK) as s:
+            body = (b"%d\n" % _PORTS[fdp.ConsumeIntInRange(0, 5)] if fdp.ConsumeBool() else b"")
+            try:
+                s.sendto(body + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 5000)), uds + DGRAM_SUFFIX)
+            except OSError:
+                pass
+        return
+    seqpacket = not draft and fdp.ConsumeBool()
+    s = socket.socket(socket.AF_UNIX, (socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM)
+                      | socket.SOCK_NONBLOCK)
+    try:
+        s.connect(uds + SEQPACKET_SUFFIX if seqpacket else uds)
+        if fdp.ConsumeBool():
+            line = b"CONNECT %d\n" % _PORTS[fdp.ConsumeIntInRange(0, 5)]
+        else:
+            line = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 40))
+        if line:
+            s.send(line + (fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 100)) if fdp.ConsumeBool() else b""))
+    except OSError:
+        s.close()
+        return
+    socks.append(s)
 
 
 def _split(fdp, g, op, src, dst, payload) -> list[bytes]:
@@ -320,6 +397,8 @@ def _check(g) -> None:
         raise Violation("more connections than max_connections")
     if sum(len(c) for c in mux._control) > mux.max_control:
         raise Violation("control queue beyond max_control")
+    if len(g.unix._handshakes) > g.unix.max_handshakes:
+        raise Violation("more Unix peers in the CONNECT handshake than max_handshakes")
     if any(len(d) > DGRAM_MAX_QUEUED for d in mux._dgrams):
         raise Violation("datagram queue beyond DGRAM_MAX_QUEUED")
     for q, live in zip(mux._rxq, mux._in_rxq):

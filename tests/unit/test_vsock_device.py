@@ -477,6 +477,7 @@ def test_rx_full_tx_keeps_being_processed(uds):
             g.send(Op.VIRTIO_VSOCK_OP_REQUEST, 7000 + port, 4444)
         g.pump()
         assert len(g.tx_done()) == 100         # every tx chain returned without rx room
+        assert g.dev.counters()["rx_starved"] >= 1     # it owed the guest RSTs, had no buffer
         for _ in range(100):
             g.add_rx()
         g.rxq.kick(force=True)
@@ -525,6 +526,7 @@ def test_device_reset_drops_everything(guest, uds):
     guest.drv.reset()
     assert conn.recv(10) == b""
     assert guest.dev.counters()["connections"] == 0
+    assert guest.dev.counters()["device_resets"] == 1
 
 
 def test_connection_windows_stay_within_the_global_budget(uds):
