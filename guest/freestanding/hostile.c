@@ -1040,8 +1040,6 @@ static void case_draft_dgram_credit(void)
 	    replies(nrounds), ok, credit);
 }
 
-/* --- dispatch ------------------------------------------------------------------ */
-
 /* --- with VIRTIO_F_INDIRECT_DESC negotiated --------------------------------- */
 
 /* ind-*: the driver asks for VIRTIO_F_INDIRECT_DESC (vsock_extra_features)
@@ -1135,7 +1133,7 @@ static int ev_shape;
 
 static void post_bad_event(void)
 {
-	struct virtq *q = vsock_queue(2);
+	struct virtq *q = vsock_queue(VSOCK_EVENT_QUEUE);
 	struct virtq_buf b = { ev_spare, 4 };
 	uint16_t head = q->free_head;
 
@@ -1283,6 +1281,8 @@ static void case_rx_stall(uint32_t fport)
 	say("hostile %s done conns=%u bytes=%lu bad=%lu", what, STALL_CONNS,
 	    (unsigned long)bytes, (unsigned long)bad);
 }
+
+/* --- dispatch ------------------------------------------------------------------ */
 
 void scenario_hostile(const struct args *a)
 {
