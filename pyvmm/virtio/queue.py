@@ -663,6 +663,10 @@ class Queue:
     def _avail_idx(self) -> int:
         return _LE16.unpack_from(self._ram, self._avail_idx_off)[0]
 
+    def avail_idx(self) -> int:
+        """The driver's ``avail.idx`` as it stands now (it moves on each buffer it adds)."""
+        return self._avail_idx()
+
     def snapshot(self) -> dict:
         """Counters of the rings as they stand now, for metrics and tests."""
         return {"size": self.size, "avail_idx": self._avail_idx(),

@@ -133,7 +133,9 @@ they were made available, virtio 1.2 §2.7.9).  tx keeps being
 processed while rx is full (§5.10.6.1): the muxer parks what it owes outside
 the queue.  event: :meth:`transport_reset` posts
 VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (``le32 id = 0``) and drops every
-connection, as Firecracker does at snapshot time.  A batch is bounded
+connection, as Firecracker does at snapshot time; new host-initiated
+connections then hold their REQUEST until the guest has taken the event
+(:meth:`VsockDevice._watch_event_taken`).  A batch is bounded
 (:data:`BATCH`) so a guest that refills without pause cannot starve host
 sockets; the rest is rescheduled.
 
@@ -170,7 +172,8 @@ from .muxer import MAX_CONNECTIONS, RX_TURN_BUFFERS, TX_BUFFER_BUDGET, VsockMuxe
 from .packet import RxBuffer, VsockPacketError, parse_tx_chain
 from .wire import CONTROL, EVENT, RX, TX, VIRTIO, VirtioVsockEventId, VirtioVsockFeature, WireFormat
 
-__all__ = ["BATCH", "EVENTQ", "MAX_PAIRS", "QUEUE_SIZE", "RXQ", "RX_FIRST_BATCH", "TXQ", "VsockDevice"]
+__all__ = ["BATCH", "EVENTQ", "MAX_PAIRS", "QUEUE_SIZE", "RXQ", "RX_FIRST_BATCH", "TRANSPORT_RESET_HOLD",
+           "TXQ", "VsockDevice"]
 
 logger = logging.getLogger("pyvmm.vsock")
 
@@ -183,6 +186,11 @@ MAX_PAIRS = 16
 BATCH = 256
 #: rx chains popped by the first pop_batch of a turn (each next one pops twice as many)
 RX_FIRST_BATCH = 8
+#: seconds new host-initiated connections wait after a TRANSPORT_RESET event for the guest
+#: to take it (re-post an event buffer) before their REQUESTs go out anyway
+TRANSPORT_RESET_HOLD = 1.0
+#: how often the device looks at the event queue's avail.idx during that wait
+_HOLD_POLL = 0.005
 _CONFIG = struct.Struct("<Q")           # struct virtio_vsock_config { le64 guest_cid; }
 _DRAFT_CONFIG = struct.Struct("<II")    # the draft's { le32 guest_cid; le32 max_virtqueue_pairs; }
 _EVENT = struct.Struct("<I")            # struct virtio_vsock_event { le32 id; }
@@ -244,6 +252,11 @@ class VsockDevice(VirtioDevice):
         self._rx_scheduled: set[int] = set()
         self._more_scheduled: set[int] = set()
         self._events_owed = 0
+        # after TRANSPORT_RESET: the event queue's avail.idx when the event was written
+        # (None: not written yet), when the hold ends at the latest, the poll timer
+        self._event_mark: int | None = None
+        self._hold_until = 0.0
+        self._hold_timer: TimerHandle | None = None
 
     # -- the machine's side (VirtioDevice) ------------------------------------------------
     def attach_loop(self, loop: EventLoop) -> None:
@@ -349,6 +362,9 @@ class VsockDevice(VirtioDevice):
         self.acked_features = 0
 
     def _forget_queues(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         self._memory = self._queues = self._interrupt = None
         self.lanes = 0
         for stock in self._rx_stock + self._rx_held:
@@ -359,7 +375,28 @@ class VsockDevice(VirtioDevice):
         self.muxer.reset_all()
         if self._queues is not None and not self.wire.multiqueue:
             self._events_owed = 1        # one event says it all; resets coalesce
+            self._event_mark = None
+            self._hold_until = self.loop.time() + TRANSPORT_RESET_HOLD
+            self.muxer.hold_requests()
             self._process(EVENTQ)
+            if self._hold_timer is None:
+                self._watch_event_taken()
+
+    def _watch_event_taken(self) -> None:
+        """Hold host REQUESTs (:meth:`VsockMuxer.hold_requests`) until the guest has
+        added an event buffer since the event was written: a driver handles an event
+        before it re-posts the buffer (Linux's ``virtio_transport_event_work``), so
+        by then the connections the reset drops are gone; or until
+        :data:`TRANSPORT_RESET_HOLD` is over (a driver that does not re-post)."""
+        self._hold_timer = None
+        if self._queues is None:
+            return                      # a device reset ended the hold (reset_all)
+        taken = (self._event_mark is not None
+                 and self._queues[EVENTQ].avail_idx() != self._event_mark)
+        if taken or self.loop.time() >= self._hold_until:
+            self.muxer.release_requests()
+        else:
+            self._hold_timer = self.loop.call_later(_HOLD_POLL, self._watch_event_taken)
 
     def _process(self, index: int) -> None:
         """Handle queue ``index`` (a kick, or a rescheduled batch), then interrupt if due."""
@@ -543,6 +580,7 @@ class VsockDevice(VirtioDevice):
                         used.append((chain.head, 0))
                         continue
                     chain.write_writable(_EVENT.pack(VirtioVsockEventId.VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+                    self._event_mark = ev.avail_idx()   # before the guest can see the event
                     used.append((chain.head, _EVENT.size))
                     self._events_owed -= 1
                     self.metrics["events_sent"] += 1

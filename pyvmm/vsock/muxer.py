@@ -67,7 +67,7 @@ from typing import Callable, Protocol, Sequence
 
 from ..virtio.eventloop import EventLoop, TimerHandle
 from ..virtio.queue import GuestErrorLog
-from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, Connection, HostStream
+from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, Connection, ConnState, HostStream
 from .packet import RxBuffer, TxPacket
 from .wire import (DGRAM, DGRAM_MAX_PAYLOAD, OP_REQUEST, OP_RST, OP_RW, SEQPACKET, STREAM, VIRTIO,
                    VMADDR_CID_HOST, VsockHeader, WireFormat)
@@ -187,6 +187,8 @@ class VsockMuxer:
         self._io: dict[tuple[int, int], list] = {}
         self._next_host_port = HOST_PORT_FIRST
         self._host_ports: collections.Counter[int] = collections.Counter()
+        #: host-initiated connections whose REQUEST is held (an ordered set), or None: no hold
+        self._held: dict[tuple[int, int], None] | None = None
 
     def _make_lanes(self) -> None:
         lanes = range(self.lanes)
@@ -532,6 +534,9 @@ class VsockMuxer:
                 timer.cancel()
             io[2] = self.loop.call_at(conn.expiry, self._on_timer, key)
         if conn.has_pending_rx():
+            if self._held is not None and conn.state is ConnState.LOCAL_INIT and conn.hs_step == 0:
+                self._held[key] = None          # its REQUEST waits: see hold_requests
+                return
             in_rxq = self._in_rxq[conn.lane]
             if key not in in_rxq:
                 in_rxq.add(key)
@@ -630,13 +635,33 @@ class VsockMuxer:
     # -- resets ---------------------------------------------------------------------
     def reset_all(self) -> None:
         """Forget every connection without telling the guest (device reset or
-        TRANSPORT_RESET: the guest drops its connections on its own)."""
+        TRANSPORT_RESET: the guest drops its connections on its own); no hold."""
+        self._held = None
         for conn in list(self.connections.values()):
             conn.abort()
             self._remove(conn)
         for queues in (self._control, self._dgrams, self._rxq, self._in_rxq):
             for queue in queues:
                 queue.clear()
+
+    def hold_requests(self) -> None:
+        """Keep the REQUESTs of new host-initiated connections back until
+        :meth:`release_requests`.  After a TRANSPORT_RESET event the guest drops
+        the connections it has when it handles the event, silently (Linux:
+        ``virtio_vsock_reset_sock``): a REQUEST it accepted just before would make
+        a connection pyvmm thinks open and the guest has forgotten, and a host peer
+        waiting to read would wait forever.  A held connection still times out
+        (CONN_REQUEST_TIMEOUT) like any other."""
+        if self._held is None:
+            self._held = {}
+
+    def release_requests(self) -> None:
+        """Let the held REQUESTs go out, in the order their connections came."""
+        held, self._held = self._held or {}, None
+        for key in held:
+            conn = self.connections.get(key)
+            if conn is not None:
+                self._sync(conn)
 
 
 def _fileno(stream) -> int:

@@ -20,6 +20,7 @@ from pyvmm.virtio.device import DeviceStatus, VirtioFeature, feature_mask
 from pyvmm.vsock.connection import (CONN_CREDIT_UPDATE_THRESHOLD, CONN_SHUTDOWN_TIMEOUT,
                                     CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN)
 from pyvmm.vsock.muxer import HOST_PORT_FIRST
+from pyvmm.vsock.device import TRANSPORT_RESET_HOLD
 from pyvmm.vsock.wire import VirtioVsockFeature, VirtioVsockSeqFlag, VirtioVsockShutdown
 from vsock_guest import GUEST_CID, HOST_CID, SEQPACKET, STREAM, Guest, Op, hdr, ops
 
@@ -563,3 +564,36 @@ def test_connection_window_is_configurable_and_checked(uds):
         g.close()
     with pytest.raises(ConfigError):
         Guest(uds, conn_buf_size=4096)
+
+
+def _connect_line(uds, port):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(uds)
+    s.sendall(f"CONNECT {port}\n".encode())
+    return s
+
+
+def test_a_host_connect_after_transport_reset_waits_until_the_guest_took_the_event(guest, uds):
+    """A REQUEST the guest accepted before handling the TRANSPORT_RESET event would be
+    dropped by its reset without a word (the host peer would wait forever): it goes out
+    only once the guest has re-posted the event buffer."""
+    guest.dev.transport_reset()
+    with _connect_line(uds, 1234):
+        guest.advance(0.5)
+        assert guest.recv() == []                       # held: the guest has not taken the event
+        assert guest.events(repost=True) == [0]
+        guest.advance(0.01)
+        pkts = guest.recv()
+        assert ops(pkts) == [Op.VIRTIO_VSOCK_OP_REQUEST] and pkts[0][0].dst_port == 1234
+
+
+def test_the_hold_after_transport_reset_ends_after_its_bound(guest, uds):
+    """A driver that never re-posts its event buffer delays host connects by at most
+    TRANSPORT_RESET_HOLD, then they proceed."""
+    guest.dev.transport_reset()
+    with _connect_line(uds, 1234):
+        guest.advance(TRANSPORT_RESET_HOLD / 2)
+        assert guest.recv() == []
+        guest.advance(TRANSPORT_RESET_HOLD / 2 + 0.01)
+        assert ops(guest.recv()) == [Op.VIRTIO_VSOCK_OP_REQUEST]
+        assert guest.events() == [0]                    # the event was there all along

@@ -208,8 +208,15 @@ class Guest:
         return [used for txq in self.txqs for used in txq.used()]
 
     # -- events -----------------------------------------------------------------------
-    def events(self) -> list[int]:
-        return [struct.unpack("<I", u.data)[0] for u in self.evq.used()]
+    def events(self, repost: bool = False) -> list[int]:
+        """The event ids the device wrote; ``repost``: then give each buffer back
+        and kick, as Linux's driver does once it has handled the event."""
+        ids = [struct.unpack("<I", u.data)[0] for u in self.evq.used()]
+        if repost and ids:
+            for _ in ids:
+                self.evq.add_chain(writable=[4])
+            self.evq.kick(force=True)
+        return ids
 
     # -- time and the loop -----------------------------------------------------------
     def pump(self, rounds: int = 200) -> None:
