@@ -2,9 +2,10 @@
  * vsock_scenarios.c - the vsock test scenarios, on top of the driver in
  * vsock.c.  The output lines are a test contract (README.md, "Scenarios").
  *
- *   vsock-echo-server port=P [conns=K]
+ *   vsock-echo-server port=P [conns=K] [die=triple-fault|reset after=B]
  *   vsock-echo-client port=P size=S count=N [type=stream|seqpacket] [cid=C]
  *   vsock-bulk-send port=P bytes=N [chunk=S] [listen=1] [cid=C]
+ *                   [type=stream|seqpacket]
  *   vsock-bulk-recv port=P bytes=N [listen=1] [cid=C]
  *   vsock-connect-loop port=P count=K [size=S] [cid=C]
  * and, datagrams (draft mode only):
@@ -30,9 +31,11 @@
 #include <stdint.h>
 
 #include "console.h"
+#include "cpu.h"
 #include "fmt.h"
 #include "guest.h"
 #include "io.h"
+#include "layout.h"
 #include "teststream.h"
 #include "tsc.h"
 #include "vsock.h"
@@ -247,13 +250,46 @@ static unsigned echo_pump(struct vsock_conn *c)
 	}
 }
 
+/* How the echo server's die= option ends the machine: a triple fault (an
+ * empty IDT, then #UD: KVM_EXIT_SHUTDOWN) or the i8042 reset, as a crashing
+ * or rebooting guest would, with its connections still open. */
+enum die_how { DIE_NOT, DIE_TRIPLE_FAULT, DIE_RESET };
+
+static enum die_how arg_die(const struct args *a)
+{
+	const char *v = arg_value(a, "die");
+
+	if (!v)
+		return DIE_NOT;
+	if (!strcmp(v, "triple-fault"))
+		return DIE_TRIPLE_FAULT;
+	if (!strcmp(v, "reset"))
+		return DIE_RESET;
+	say("%s: bad die=%s (triple-fault, reset)", a->argv[0], v);
+	guest_exit(1);
+}
+
+static void __attribute__((noreturn)) die_now(enum die_how how, uint64_t echoed,
+					      unsigned open)
+{
+	say("vsock echo: dying by %s after %lu bytes echoed, %u connections open",
+	    how == DIE_RESET ? "reset" : "triple fault", (unsigned long)echoed, open);
+	if (how == DIE_RESET)
+		sys_outb(I8042_COMMAND_PORT, I8042_CMD_PULSE_RESET);
+	syscall2(SYS_SHUTDOWN, 0, 0);   /* triple fault (also if the reset was ignored) */
+	for (;;)
+		cpu_relax();
+}
+
 void scenario_vsock_echo_server(const struct args *a)
 {
 	uint32_t port = need_port(a);
-	uint64_t conns = 1, done = 0, bytes = 0;
+	uint64_t conns = 1, done = 0, bytes = 0, after = 0;
+	enum die_how die = arg_die(a);
 	int failed = 0;
 
 	arg_u64(a, "conns", &conns, 1, 1000000);
+	arg_u64(a, "after", &after, 0, UINT64_MAX);
 	common_args(a, NULL);
 	vsock_open(a, idle);
 	vsock_listen(port, echo_accept);
@@ -262,13 +298,16 @@ void scenario_vsock_echo_server(const struct args *a)
 	uint64_t last = rdtsc();
 
 	while (done < conns) {
-		unsigned progress = vsock_poll();
+		unsigned progress = vsock_poll(), open = 0;
+		uint64_t echoed = bytes;
 
 		for (unsigned i = 0; i < VSOCK_MAX_CONNS; i++) {
 			struct vsock_conn *c = &vsock_conns[i];
 
 			if (c->state == VSOCK_ESTABLISHED) {
 				progress += echo_pump(c);
+				echoed += c->tx_bytes;
+				open++;
 				/* The peer sends no more and all is echoed, or it
 				 * receives no more: our half of the clean close. */
 				if ((c->peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND &&
@@ -295,6 +334,8 @@ void scenario_vsock_echo_server(const struct args *a)
 			}
 		}
 		vsock_flush();
+		if (die && echoed >= after)
+			die_now(die, echoed, open);
 		idle_step(&last, progress, "vsock echo");
 	}
 	wait_tx_idle("vsock echo");
@@ -395,13 +436,12 @@ static int bulk_accept(struct vsock_conn *c)
 
 /* Connect to cid:port, or with listen=1 wait for the peer to connect. */
 static struct vsock_conn *bulk_open(const struct args *a, uint32_t port,
-				    uint64_t cid, const char *what)
+				    uint64_t cid, uint16_t type, const char *what)
 {
 	const char *listen = arg_value(a, "listen");
 
 	if (!listen || !strcmp(listen, "0")) {
-		struct vsock_conn *c = vsock_connect(cid, port, VIRTIO_VSOCK_TYPE_STREAM,
-						     init_checked_rx);
+		struct vsock_conn *c = vsock_connect(cid, port, type, init_checked_rx);
 		if (!c)
 			guest_exit(1);
 		return c;
@@ -436,7 +476,7 @@ void scenario_vsock_bulk_send(const struct args *a)
 	vsock_open(a, idle);
 	reset_rx(0, mode);
 
-	struct vsock_conn *c = bulk_open(a, port, cid, "vsock bulk send");
+	struct vsock_conn *c = bulk_open(a, port, cid, parse_type(a), "vsock bulk send");
 	uint64_t start = rdtsc();
 
 	stream_end_init(&s, mode);
@@ -470,7 +510,8 @@ void scenario_vsock_bulk_recv(const struct args *a)
 	vsock_open(a, idle);
 	reset_rx(0, mode);
 
-	struct vsock_conn *c = bulk_open(a, port, cid, "vsock bulk recv");
+	struct vsock_conn *c = bulk_open(a, port, cid, VIRTIO_VSOCK_TYPE_STREAM,
+					 "vsock bulk recv");
 	uint64_t start = rdtsc(), last = start;
 
 	while (rx.bytes < total) {
