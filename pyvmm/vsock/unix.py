@@ -423,7 +423,7 @@ class UnixBackend(VsockBackend):
                 return
             line, nl, payload = data.partition(b"\n")
             port = int(line) if nl and _PORT.fullmatch(line.decode("ascii", "replace")) else None
-            if port is None or port > 0xFFFF_FFFF or flags & socket.MSG_TRUNC:
+            if port is None or port > 0xFFFF_FFFF or flags & socket.MSG_TRUNC or len(payload) > DGRAM_MAX_PAYLOAD:
                 self.host_errors.report("host datagram without a '<port>\\n' line, or too large (dropped)",
                                         repr(data[:CONNECT_LINE_MAX]))
                 self.metrics["dgram_dropped"] += 1
