@@ -2,7 +2,7 @@
  * vsock_scenarios.c - the vsock test scenarios, on top of the driver in
  * vsock.c.  The output lines are a test contract (README.md, "Scenarios").
  *
- *   vsock-echo-server port=P [conns=K] [die=triple-fault|reset after=B]
+ *   vsock-echo-server port=P [conns=K]
  *   vsock-echo-client port=P size=S count=N [type=stream|seqpacket] [cid=C]
  *   vsock-bulk-send port=P bytes=N [chunk=S] [listen=1] [cid=C]
  *                   [type=stream|seqpacket]
@@ -15,7 +15,9 @@
  *   vsock-dgram-flood port=P count=N [size=S] [cid=C] [sport=Q]
  *   vsock-dgram-sink port=P [count=N] [check=1]
  * and, for all: idle=TICKS (IDLE_TSC_DEFAULT), how long nothing may happen
- * before the scenario gives up with a "timeout" line and exit 1; for the
+ * before the scenario gives up with a "timeout" line and exit 1;
+ * die=triple-fault|reset after=B, end the machine that way once B bytes are
+ * echoed (echo server) or sent (send_stream), connections open; for the
  * stream scenarios but the echo server: verify=full|word (teststream.h),
  * how the bytes are checked and hashed ("fnv" or "whash" in the result
  * lines).
@@ -67,6 +69,47 @@ static uint32_t need_port(const struct args *a)
 	return (uint32_t)port;
 }
 
+/* The die= option: how a scenario ends the machine once it has moved
+ * die_after bytes, its connections still open, as a crashing or rebooting
+ * guest would: a triple fault (an empty IDT, then #UD: KVM_EXIT_SHUTDOWN)
+ * or the i8042 reset. */
+static enum { DIE_NOT, DIE_TRIPLE_FAULT, DIE_RESET } die;
+static uint64_t die_after;
+
+static void die_args(const struct args *a)
+{
+	const char *v = arg_value(a, "die");
+
+	die = DIE_NOT;
+	die_after = 0;
+	arg_u64(a, "after", &die_after, 0, UINT64_MAX);
+	if (!v)
+		return;
+	if (!strcmp(v, "triple-fault"))
+		die = DIE_TRIPLE_FAULT;
+	else if (!strcmp(v, "reset"))
+		die = DIE_RESET;
+	else {
+		say("%s: bad die=%s (triple-fault, reset)", a->argv[0], v);
+		guest_exit(1);
+	}
+}
+
+/* With die=, once `bytes` (moved so far) reach die_after: one line, then
+ * the end, with no exit line. */
+static void maybe_die(const char *what, uint64_t bytes, unsigned open)
+{
+	if (die == DIE_NOT || bytes < die_after)
+		return;
+	say("%s: dying by %s after %lu bytes, %u connections open", what,
+	    die == DIE_RESET ? "reset" : "triple fault", (unsigned long)bytes, open);
+	if (die == DIE_RESET)
+		sys_outb(I8042_COMMAND_PORT, I8042_CMD_PULSE_RESET);
+	syscall2(SYS_SHUTDOWN, 0, 0);   /* triple fault (also if the reset was ignored) */
+	for (;;)
+		cpu_relax();
+}
+
 static void common_args(const struct args *a, uint64_t *cid)
 {
 	idle = IDLE_TSC_DEFAULT;
@@ -75,6 +118,7 @@ static void common_args(const struct args *a, uint64_t *cid)
 		*cid = VSOCK_HOST_CID;
 		arg_u64(a, "cid", cid, 0, 0xffffffffull);
 	}
+	die_args(a);
 }
 
 /* One step of a bounded wait: PAUSE, or fail with `what` after `idle`
@@ -170,6 +214,7 @@ static void send_stream(struct vsock_conn *c, struct stream_end *s, uint64_t tot
 		off += queued;
 		sent += queued;
 		vsock_flush();
+		maybe_die(what, sent, 1);
 		idle_step(&last, queued + vsock_poll(), what);
 	}
 }
@@ -250,46 +295,13 @@ static unsigned echo_pump(struct vsock_conn *c)
 	}
 }
 
-/* How the echo server's die= option ends the machine: a triple fault (an
- * empty IDT, then #UD: KVM_EXIT_SHUTDOWN) or the i8042 reset, as a crashing
- * or rebooting guest would, with its connections still open. */
-enum die_how { DIE_NOT, DIE_TRIPLE_FAULT, DIE_RESET };
-
-static enum die_how arg_die(const struct args *a)
-{
-	const char *v = arg_value(a, "die");
-
-	if (!v)
-		return DIE_NOT;
-	if (!strcmp(v, "triple-fault"))
-		return DIE_TRIPLE_FAULT;
-	if (!strcmp(v, "reset"))
-		return DIE_RESET;
-	say("%s: bad die=%s (triple-fault, reset)", a->argv[0], v);
-	guest_exit(1);
-}
-
-static void __attribute__((noreturn)) die_now(enum die_how how, uint64_t echoed,
-					      unsigned open)
-{
-	say("vsock echo: dying by %s after %lu bytes echoed, %u connections open",
-	    how == DIE_RESET ? "reset" : "triple fault", (unsigned long)echoed, open);
-	if (how == DIE_RESET)
-		sys_outb(I8042_COMMAND_PORT, I8042_CMD_PULSE_RESET);
-	syscall2(SYS_SHUTDOWN, 0, 0);   /* triple fault (also if the reset was ignored) */
-	for (;;)
-		cpu_relax();
-}
-
 void scenario_vsock_echo_server(const struct args *a)
 {
 	uint32_t port = need_port(a);
-	uint64_t conns = 1, done = 0, bytes = 0, after = 0;
-	enum die_how die = arg_die(a);
+	uint64_t conns = 1, done = 0, bytes = 0;
 	int failed = 0;
 
 	arg_u64(a, "conns", &conns, 1, 1000000);
-	arg_u64(a, "after", &after, 0, UINT64_MAX);
 	common_args(a, NULL);
 	vsock_open(a, idle);
 	vsock_listen(port, echo_accept);
@@ -334,8 +346,7 @@ void scenario_vsock_echo_server(const struct args *a)
 			}
 		}
 		vsock_flush();
-		if (die && echoed >= after)
-			die_now(die, echoed, open);
+		maybe_die("vsock echo", echoed, open);
 		idle_step(&last, progress, "vsock echo");
 	}
 	wait_tx_idle("vsock echo");
