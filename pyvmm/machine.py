@@ -13,7 +13,8 @@ talks to the KVM layer)::
                                           one device I/O thread, "pyvmm-io", for every
                                           virtio device (ioeventfds, host sockets), and
                                           stdin's: pinned to io_affinity
-                      Machine.wait():     until the guest resets, crashes, or time runs out
+                      Machine.wait():     until the guest resets, crashes, or time runs out;
+                                          then the devices end their host connections
 
 A vCPU thread spends its life in ``KVM_RUN`` with the GIL released; when KVM
 returns an I/O or MMIO exit the thread answers it through the bus
