@@ -13,7 +13,8 @@ talks to the KVM layer)::
                                           one device I/O thread, "pyvmm-io", for every
                                           virtio device (ioeventfds, host sockets), and
                                           stdin's: pinned to io_affinity
-                      Machine.wait():     until the guest resets, crashes, or time runs out
+                      Machine.wait():     until the guest resets, crashes, or time runs out;
+                                          then the devices end their host connections
 
 A vCPU thread spends its life in ``KVM_RUN`` with the GIL released; when KVM
 returns an I/O or MMIO exit the thread answers it through the bus
@@ -464,10 +465,19 @@ class Machine:
                 break
             except KeyboardInterrupt as e:
                 self.stop(*_interrupted(e))
+        self._end_host_connections()
         if self._result.status == ExitStatus.TIMEOUT:
             for line in self.vcpu_states():
                 log.info("%s", line)
         return self._result
+
+    def _end_host_connections(self) -> None:
+        """The run is over, so nothing in the guest will answer a host peer again: the
+        devices end their host connections and close their listeners now (a peer sees EOF
+        at once), not only when the machine is closed -- a program embedding pyvmm may
+        keep it open to read its counters.  Idempotent, as ``device.stop()`` is."""
+        for slot in self.virtio_slots:
+            slot.device.stop()
 
     def run(self) -> RunResult:
         try:

@@ -5,6 +5,7 @@
  *   vsock-echo-server port=P [conns=K]
  *   vsock-echo-client port=P size=S count=N [type=stream|seqpacket] [cid=C]
  *   vsock-bulk-send port=P bytes=N [chunk=S] [listen=1] [cid=C]
+ *                   [type=stream|seqpacket]
  *   vsock-bulk-recv port=P bytes=N [listen=1] [cid=C]
  *   vsock-connect-loop port=P count=K [size=S] [cid=C]
  * and, datagrams (draft mode only):
@@ -14,7 +15,9 @@
  *   vsock-dgram-flood port=P count=N [size=S] [cid=C] [sport=Q]
  *   vsock-dgram-sink port=P [count=N] [check=1]
  * and, for all: idle=TICKS (IDLE_TSC_DEFAULT), how long nothing may happen
- * before the scenario gives up with a "timeout" line and exit 1; for the
+ * before the scenario gives up with a "timeout" line and exit 1;
+ * die=triple-fault|reset after=B, end the machine that way once B bytes are
+ * echoed (echo server) or sent (send_stream), connections open; for the
  * stream scenarios but the echo server: verify=full|word (teststream.h),
  * how the bytes are checked and hashed ("fnv" or "whash" in the result
  * lines).
@@ -30,9 +33,11 @@
 #include <stdint.h>
 
 #include "console.h"
+#include "cpu.h"
 #include "fmt.h"
 #include "guest.h"
 #include "io.h"
+#include "layout.h"
 #include "teststream.h"
 #include "tsc.h"
 #include "vsock.h"
@@ -64,6 +69,47 @@ static uint32_t need_port(const struct args *a)
 	return (uint32_t)port;
 }
 
+/* The die= option: how a scenario ends the machine once it has moved
+ * die_after bytes, its connections still open, as a crashing or rebooting
+ * guest would: a triple fault (an empty IDT, then #UD: KVM_EXIT_SHUTDOWN)
+ * or the i8042 reset. */
+static enum { DIE_NOT, DIE_TRIPLE_FAULT, DIE_RESET } die;
+static uint64_t die_after;
+
+static void die_args(const struct args *a)
+{
+	const char *v = arg_value(a, "die");
+
+	die = DIE_NOT;
+	die_after = 0;
+	arg_u64(a, "after", &die_after, 0, UINT64_MAX);
+	if (!v)
+		return;
+	if (!strcmp(v, "triple-fault"))
+		die = DIE_TRIPLE_FAULT;
+	else if (!strcmp(v, "reset"))
+		die = DIE_RESET;
+	else {
+		say("%s: bad die=%s (triple-fault, reset)", a->argv[0], v);
+		guest_exit(1);
+	}
+}
+
+/* With die=, once `bytes` (moved so far) reach die_after: one line, then
+ * the end, with no exit line. */
+static void maybe_die(const char *what, uint64_t bytes, unsigned open)
+{
+	if (die == DIE_NOT || bytes < die_after)
+		return;
+	say("%s: dying by %s after %lu bytes, %u connections open", what,
+	    die == DIE_RESET ? "reset" : "triple fault", (unsigned long)bytes, open);
+	if (die == DIE_RESET)
+		sys_outb(I8042_COMMAND_PORT, I8042_CMD_PULSE_RESET);
+	syscall2(SYS_SHUTDOWN, 0, 0);   /* triple fault (also if the reset was ignored) */
+	for (;;)
+		cpu_relax();
+}
+
 static void common_args(const struct args *a, uint64_t *cid)
 {
 	idle = IDLE_TSC_DEFAULT;
@@ -72,6 +118,7 @@ static void common_args(const struct args *a, uint64_t *cid)
 		*cid = VSOCK_HOST_CID;
 		arg_u64(a, "cid", cid, 0, 0xffffffffull);
 	}
+	die_args(a);
 }
 
 /* One step of a bounded wait: PAUSE, or fail with `what` after `idle`
@@ -167,6 +214,7 @@ static void send_stream(struct vsock_conn *c, struct stream_end *s, uint64_t tot
 		off += queued;
 		sent += queued;
 		vsock_flush();
+		maybe_die(what, sent, 1);
 		idle_step(&last, queued + vsock_poll(), what);
 	}
 }
@@ -262,13 +310,16 @@ void scenario_vsock_echo_server(const struct args *a)
 	uint64_t last = rdtsc();
 
 	while (done < conns) {
-		unsigned progress = vsock_poll();
+		unsigned progress = vsock_poll(), open = 0;
+		uint64_t echoed = bytes;
 
 		for (unsigned i = 0; i < VSOCK_MAX_CONNS; i++) {
 			struct vsock_conn *c = &vsock_conns[i];
 
 			if (c->state == VSOCK_ESTABLISHED) {
 				progress += echo_pump(c);
+				echoed += c->tx_bytes;
+				open++;
 				/* The peer sends no more and all is echoed, or it
 				 * receives no more: our half of the clean close. */
 				if ((c->peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND &&
@@ -295,6 +346,7 @@ void scenario_vsock_echo_server(const struct args *a)
 			}
 		}
 		vsock_flush();
+		maybe_die("vsock echo", echoed, open);
 		idle_step(&last, progress, "vsock echo");
 	}
 	wait_tx_idle("vsock echo");
@@ -395,13 +447,12 @@ static int bulk_accept(struct vsock_conn *c)
 
 /* Connect to cid:port, or with listen=1 wait for the peer to connect. */
 static struct vsock_conn *bulk_open(const struct args *a, uint32_t port,
-				    uint64_t cid, const char *what)
+				    uint64_t cid, uint16_t type, const char *what)
 {
 	const char *listen = arg_value(a, "listen");
 
 	if (!listen || !strcmp(listen, "0")) {
-		struct vsock_conn *c = vsock_connect(cid, port, VIRTIO_VSOCK_TYPE_STREAM,
-						     init_checked_rx);
+		struct vsock_conn *c = vsock_connect(cid, port, type, init_checked_rx);
 		if (!c)
 			guest_exit(1);
 		return c;
@@ -436,7 +487,7 @@ void scenario_vsock_bulk_send(const struct args *a)
 	vsock_open(a, idle);
 	reset_rx(0, mode);
 
-	struct vsock_conn *c = bulk_open(a, port, cid, "vsock bulk send");
+	struct vsock_conn *c = bulk_open(a, port, cid, parse_type(a), "vsock bulk send");
 	uint64_t start = rdtsc();
 
 	stream_end_init(&s, mode);
@@ -470,7 +521,8 @@ void scenario_vsock_bulk_recv(const struct args *a)
 	vsock_open(a, idle);
 	reset_rx(0, mode);
 
-	struct vsock_conn *c = bulk_open(a, port, cid, "vsock bulk recv");
+	struct vsock_conn *c = bulk_open(a, port, cid, VIRTIO_VSOCK_TYPE_STREAM,
+					 "vsock bulk recv");
 	uint64_t start = rdtsc(), last = start;
 
 	while (rx.bytes < total) {

@@ -85,6 +85,10 @@ packets of one message are gathered (at most ``buf_alloc`` bytes: Linux
 refuses larger messages with EMSGSIZE, and credit enforces it) and written
 as ONE record of the SOCK_SEQPACKET host socket (EOR cannot be expressed on
 an AF_UNIX socket: every record is one; it is counted in ``seq_eor_rx``).
+So a SEQPACKET connection's ``buf_alloc`` is at most the largest record its
+host socket takes (``HostStream.max_message``: AF_UNIX refuses one longer
+than its send buffer less 32 bytes, so the send buffer is raised to fit the
+window where ``net.core.wmem_max`` allows, and one beyond about 4 MiB).
 Host -> guest: each record is read whole (at most
 :data:`SEQPACKET_MAX_MSG` bytes, else RST) and cut into RW packets that fit
 the rx buffers and the guest's window, the last one flagged EOM | EOR.
@@ -224,7 +228,9 @@ class HostStream(Protocol):
     would block and OSError on a dead socket; a 0 from ``recv_into_views``
     is end-of-file.  ``recv_message`` (SEQPACKET only) returns the full
     length of the next record (it may exceed ``len(buf)``: truncated), or
-    None at end-of-file.  ``hung_up`` is POLLHUP: the peer closed both ways.
+    None at end-of-file.  ``max_message(want)`` (SEQPACKET only) makes room
+    for records of ``want`` bytes where it can and returns the largest record
+    one send takes.  ``hung_up`` is POLLHUP: the peer closed both ways.
     """
 
     seqpacket: bool
@@ -232,6 +238,7 @@ class HostStream(Protocol):
     def fileno(self) -> int: ...
     def recv_into_views(self, views: list[memoryview]) -> int: ...
     def recv_message(self, buf: memoryview) -> int | None: ...
+    def max_message(self, want: int) -> int: ...
     def send_views(self, views: list) -> int: ...
     def shutdown_write(self) -> None: ...
     def hung_up(self) -> bool: ...
@@ -311,6 +318,11 @@ class Connection:
         #: True once the connection is finished: the muxer forgets it
         self.done = False
         # credit, see the table in the module docstring
+        if self.seqpacket:
+            # a guest message goes to the host as ONE record: never advertise a window the
+            # host socket cannot take as one (Linux then refuses a larger message with
+            # EMSGSIZE; a guest sending one anyway exceeds its credit and is reset)
+            buf_alloc = min(buf_alloc, stream.max_message(buf_alloc))
         self.buf_alloc = buf_alloc
         self.credit_update_threshold = min(CONN_CREDIT_UPDATE_THRESHOLD, buf_alloc // 4)
         self.fwd_cnt = 0

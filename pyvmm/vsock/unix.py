@@ -92,6 +92,8 @@ __all__ = [
     "MAX_HANDSHAKES",
     "SEQPACKET_SUFFIX",
     "SocketStream",
+    "UNIX_RECORD_MAX",
+    "UNIX_RECORD_OVERHEAD",
     "UnixBackend",
     "VsockApi",
     "VsockDatagram",
@@ -126,6 +128,13 @@ SEQPACKET_SUFFIX = ".seqpacket"
 DGRAM_SUFFIX = ".dgram"
 #: host datagrams read per wake-up of the datagram socket
 _DGRAM_BATCH = 64
+#: AF_UNIX refuses a datagram or SEQPACKET record longer than the sender's send buffer less
+#: this (Linux net/unix/af_unix.c, unix_dgram_sendmsg: EMSGSIZE)
+UNIX_RECORD_OVERHEAD = 32
+#: the largest AF_UNIX record we count on, whatever the send buffer: a record is one skb whose
+#: linear part is one kmalloc, at most KMALLOC_MAX_SIZE (4 MiB on x86-64; seen here: 4 MiB +
+#: 69,312 bytes goes, one byte more is ENOBUFS)
+UNIX_RECORD_MAX = 4 << 20
 _PORT = re.compile(r"\+?[0-9]+")
 
 
@@ -163,6 +172,24 @@ class SocketStream:
 
     def send_views(self, views: list) -> int:
         return self.sock.sendmsg(views, (), socket.MSG_NOSIGNAL)
+
+    def max_message(self, want: int) -> int:
+        """The largest record one send takes (at most :data:`UNIX_RECORD_MAX`), after
+        raising the send buffer (where ``net.core.wmem_max`` allows) so that a record of
+        ``want`` bytes fits."""
+        want = min(want, UNIX_RECORD_MAX)
+        have = self._sndbuf() - UNIX_RECORD_OVERHEAD
+        if have < want:
+            try:                        # the kernel doubles what is asked for (socket(7))
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                     -(-(want + UNIX_RECORD_OVERHEAD) // 2))
+            except OSError:
+                pass
+            have = self._sndbuf() - UNIX_RECORD_OVERHEAD
+        return max(0, min(have, UNIX_RECORD_MAX))
+
+    def _sndbuf(self) -> int:
+        return self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
     def shutdown_write(self) -> None:
         self.sock.shutdown(socket.SHUT_WR)
@@ -396,7 +423,7 @@ class UnixBackend(VsockBackend):
                 return
             line, nl, payload = data.partition(b"\n")
             port = int(line) if nl and _PORT.fullmatch(line.decode("ascii", "replace")) else None
-            if port is None or port > 0xFFFF_FFFF or flags & socket.MSG_TRUNC:
+            if port is None or port > 0xFFFF_FFFF or flags & socket.MSG_TRUNC or len(payload) > DGRAM_MAX_PAYLOAD:
                 self.host_errors.report("host datagram without a '<port>\\n' line, or too large (dropped)",
                                         repr(data[:CONNECT_LINE_MAX]))
                 self.metrics["dgram_dropped"] += 1

@@ -405,3 +405,64 @@ def test_a_host_peer_dying_mid_transfer_resets_the_guests_side(uds, mode):
                      run.console), run.explain()
     assert run.vsock["rst_sent"] >= 1 and run.vsock["guest_errors"] == 0, run.vsock
     assert run.vsock["connections"] == 0
+
+
+def _stream_until_the_end(s: socket.socket, ended: dict, key: str, send: bool = True) -> None:
+    """Traffic on ``s`` (4 KiB out and what comes back in, or only in) until the connection
+    ends; ``ended[key]`` is then the monotonic time the end was seen."""
+    try:
+        while (not send or s.send(b"x" * 4096)) and s.recv(1 << 16):
+            pass
+    except OSError:                                     # EPIPE, ECONNRESET
+        pass
+    ended[key] = time.monotonic()
+
+
+@pytest.mark.parametrize("how, status", [("triple-fault", ExitStatus.GUEST_CRASH),
+                                         ("reset", ExitStatus.GUEST_RESET)])
+@pytest.mark.parametrize("initiated", ["host", "guest"])
+def test_a_guest_dying_mid_transfer_ends_every_kind_of_host_peer(uds, how, status, initiated,
+                                                                  record_property):
+    """The guest triple-faults or resets in the middle of transfers: host-initiated peers on
+    PATH, PATH.seqpacket and the Python API, or a guest-initiated one on PATH_<port>, each
+    see EOF or a reset within 1 s; the run ends with the status for it, and the machine's
+    threads (vCPU, pyvmm-io) are gone once it is closed.  Before, a program using the
+    Python API (not the CLI, which exits) left every peer hanging until it closed the
+    machine: the run's end did not end the host connections."""
+    after = 1 << 20
+    peers: dict[str, socket.socket] = {}
+    ended: dict[str, float] = {}
+    listener = None
+    if initiated == "host":
+        scenario = f"vsock-echo-server port=1234 conns=4 die={how} after={after}"
+    else:
+        scenario = f"vsock-bulk-send port=2001 bytes={1 << 30} chunk=65536 die={how} after={after}"
+        listener = listen_unix(f"{uds}_2001")
+    with guest(uds, MODES["virtio"], scenario) as g:
+        if initiated == "host":
+            g.wait_for(PREFIX + "vsock listening 1234")
+            peers = {"PATH": connect_unix(uds, 1234),
+                     "PATH.seqpacket": connect_unix(uds + ".seqpacket", 1234, socket.SOCK_SEQPACKET),
+                     "Python API": g.vsock.connect(1234)}
+        else:
+            peers = {"PATH_2001": listener.accept()[0]}
+        streams = []
+        for name, s in peers.items():
+            s.settimeout(30)
+            streams.append(threading.Thread(target=_stream_until_the_end,
+                                            args=(s, ended, name, initiated == "host")))
+            streams[-1].start()
+        line = g.wait_for(PREFIX + r".*: dying by .*, (\d+) connections open", 60)
+        died = time.monotonic()
+        for t in streams:
+            t.join(10)
+        run = g.finish(60)
+        threads = [*g.vm._threads, g.vm.io_loop.thread]
+    for s in [*peers.values(), *([listener] if listener else [])]:
+        s.close()
+    assert int(line.group(1)) == len(peers), line.group(0)
+    lags = {name: round(t - died, 3) for name, t in ended.items()}
+    record_property("peer_end_after_guest_death_s", lags)
+    assert set(lags) == set(peers) and all(lag < 1.0 for lag in lags.values()), lags
+    assert run.result.status == status, run.explain()
+    assert not [t.name for t in threads if t.is_alive()]

@@ -163,14 +163,15 @@ def test_vsock_proto_and_pairs_errors_are_one_line_and_exit_2(spec, message):
     assert message in result.stderr.strip().splitlines()[-1], result.stderr      # after argparse's usage
 
 
-def echo_guest(uds, *options, timeout="60", **popen):
-    """``pyvmm run`` of the freestanding guest's echo server (one connection) on ``uds``, as a
-    process; returns once the guest listens.  ``options`` go to ``pyvmm run``."""
+def echo_guest(uds, *options, timeout="60", scenario="vsock-echo-server port=1234 conns=1", **popen):
+    """``pyvmm run`` of the freestanding guest's echo server (one connection, or as
+    ``scenario`` says) on ``uds``, as a process; returns once the guest listens on port
+    1234.  ``options`` go to ``pyvmm run``."""
     from pyvmm import images
     proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "--kernel",
                              str(images.freestanding_guest()), "--vsock", f"3,uds={uds}",
                              "--timeout", timeout, *options,
-                             "--cmdline", "vsock-echo-server port=1234 conns=1"],
+                             "--cmdline", scenario],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             **popen)
     for line in proc.stdout:
@@ -201,29 +202,120 @@ def closed(s) -> bool:
         return True
 
 
+def session_members(sid: int) -> list[str]:
+    """``pid (comm)`` of every process still in session ``sid`` (from /proc: no psutil)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:                                  # gone meanwhile
+            continue
+        comm_end = stat.rindex(")")                      # comm may hold spaces and parentheses
+        fields = stat[comm_end + 2:].split()             # state, ppid, pgrp, session, ...
+        if int(fields[3]) == sid:
+            members.append(f"{entry} {stat[:comm_end + 1].split(' ', 1)[1]}")
+    return members
+
+
 @pytest.mark.kvm
 @pytest.mark.parametrize("sig, status, name", [(signal.SIGTERM, 143, "SIGTERM"),
                                                (signal.SIGHUP, 129, "SIGHUP"),
                                                (signal.SIGINT, 130, "Ctrl-C")])
-def test_termination_signals_clean_up_like_ctrl_c(tmp_path, sig, status, name):
-    """What systemd, Docker and CI runners send: the guest stops, the Unix sockets are
-    removed, --metrics is written, all within 1 s of the signal."""
+def test_termination_signals_clean_up_like_ctrl_c(tmp_path, sig, status, name, record_property):
+    """What systemd, Docker and CI runners send, with a host peer mid-conversation: the
+    peer sees the end, the process exits with nothing left behind -- no process of its
+    session (pyvmm runs in a session of its own, so a child or grandchild that outlived
+    it would still be there), no socket file -- and --metrics is written, all within 1 s
+    of the signal."""
     import json
     uds, metrics = tmp_path / "v.sock", tmp_path / "m.json"
-    proc = echo_guest(uds, "--metrics", str(metrics))
+    proc = echo_guest(uds, "--metrics", str(metrics), start_new_session=True)
     try:
+        peer = ping(uds)
         assert uds.exists() and os.path.exists(f"{uds}.seqpacket")
+        assert [m.split()[0] for m in session_members(proc.pid)] == [str(proc.pid)]
         t0 = time.monotonic()
         proc.send_signal(sig)
         assert proc.wait(10) == status, proc.stderr.read().decode()
         elapsed = time.monotonic() - t0
+        assert closed(peer)
+        peer.close()
     finally:
         proc.kill()
         proc.wait()
+    record_property("clean_up_seconds", round(elapsed, 3))
     assert elapsed < 1.0, elapsed
+    assert session_members(proc.pid) == []
     assert not uds.exists() and not os.path.exists(f"{uds}.seqpacket")
     doc = json.loads(metrics.read_text())
     assert doc["status"] == status and name in doc["reason"], doc["reason"]
+    assert doc["vsock"]["host_connects"] == 1, doc["vsock"]
+
+
+def stream_until_the_end(s, ended: dict, key: str) -> None:
+    """Echo traffic on ``s`` (4 KiB out, what comes back in) until the connection ends;
+    ``ended[key]`` is then the monotonic time the end was seen."""
+    try:
+        while s.send(b"x" * 4096) and s.recv(1 << 16):
+            pass
+    except OSError:                                     # EPIPE, ECONNRESET
+        pass
+    ended[key] = time.monotonic()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("how, status, reason", [
+    ("triple-fault", 1, "triple fault (KVM_EXIT_SHUTDOWN)"),
+    ("reset", 0, "the guest requested a reset (i8042)")])
+def test_a_guest_dying_mid_transfer_ends_every_host_peer_within_1_s(tmp_path, how, status, reason,
+                                                                    record_property):
+    """The guest triple-faults (a crash) or resets (a reboot) while host peers on PATH and
+    PATH.seqpacket are in the middle of an echo transfer: each peer sees EOF or a reset
+    within 1 s of the guest's last line, and pyvmm exits with the documented status
+    (ExitStatus.GUEST_CRASH 1, GUEST_RESET 0) and reason, its socket files removed."""
+    import json
+    import socket
+    import threading
+    from harness import connect_unix
+    uds, metrics = tmp_path / "v.sock", tmp_path / "m.json"
+    proc = echo_guest(uds, "--metrics", str(metrics),
+                      scenario=f"vsock-echo-server port=1234 conns=3 die={how} after={1 << 20}")
+    ended: dict[str, float] = {}
+    try:
+        peers = {"PATH": ping(uds),
+                 "PATH.seqpacket": connect_unix(f"{uds}.seqpacket", 1234, socket.SOCK_SEQPACKET, 30)}
+        streams = [threading.Thread(target=stream_until_the_end, args=(s, ended, name))
+                   for name, s in peers.items()]
+        for t in streams:
+            t.start()
+        died = None
+        for line in proc.stdout:                        # the guest's console, as it comes
+            if b"vsock echo: dying by" in line:
+                died = time.monotonic()
+                break
+        assert died is not None, proc.stderr.read().decode()
+        assert b"2 connections open" in line, line
+        exit_status = proc.wait(10)
+        exited = time.monotonic()
+        for t in streams:
+            t.join(10)
+        for s in peers.values():
+            s.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert exit_status == status, proc.stderr.read().decode()
+    lags = {name: round(t - died, 3) for name, t in ended.items()}
+    record_property("peer_end_after_guest_death_s", lags)
+    record_property("exit_after_guest_death_s", round(exited - died, 3))
+    assert set(lags) == set(peers) and all(lag < 1.0 for lag in lags.values()), lags
+    assert exited - died < 1.0, exited - died
+    assert not uds.exists() and not os.path.exists(f"{uds}.seqpacket")
+    doc = json.loads(metrics.read_text())
+    assert doc["status"] == status and reason in doc["reason"], doc["reason"]
 
 
 @pytest.mark.kvm

@@ -312,6 +312,29 @@ def test_seqpacket_oversized_host_record_resets():
     assert c.metrics["host_errors"] == 1
 
 
+def test_seqpacket_window_is_capped_to_the_largest_record_the_host_socket_takes():
+    """A guest message goes to the host as one record, so a SEQPACKET connection never
+    advertises more than the host socket takes as one (AF_UNIX: its send buffer less 32
+    bytes): a message of exactly that size goes through whole, a larger one is beyond the
+    guest's credit (Linux refuses it with EMSGSIZE before sending) and is reset, counted
+    against the guest.  A STREAM connection keeps its window."""
+    s = FakeStream(seqpacket=True, max_record=100_000)
+    c = Connection.peer_init(G(Op.VIRTIO_VSOCK_OP_REQUEST, type=SEQPACKET), s, **kw())
+    (resp, _), = drain(c)
+    assert (resp.op, resp.buf_alloc) == (Op.VIRTIO_VSOCK_OP_RESPONSE, 100_000)
+    message = bytes(range(250)) * 400                 # 100,000 bytes in two packets
+    rw(c, message[:60_000], type=SEQPACKET)
+    rw(c, message[60_000:], type=SEQPACKET, flags=EOM)
+    assert s.records == [message]
+    c, s = established(FakeStream(seqpacket=True, max_record=100_000), type=SEQPACKET)
+    rw(c, b"x" * 60_000, type=SEQPACKET)
+    rw(c, b"x" * 40_001, type=SEQPACKET, flags=EOM)  # 100,001: one byte beyond the credit
+    assert [h.op for h, _ in drain(c)] == [Op.VIRTIO_VSOCK_OP_RST]
+    assert s.records == [] and c.metrics["credit_violations"] == 1
+    c, _ = established(FakeStream(max_record=100_000))
+    assert c.buf_alloc == CONN_TX_BUF_SIZE
+
+
 def test_metrics_counter_type():
     assert isinstance(new_metrics(), collections.Counter)
 

@@ -16,9 +16,9 @@ from pyvmm.vsock import VsockDevice
 from pyvmm.vsock.connection import CONN_REQUEST_TIMEOUT, CONN_TX_BUF_SIZE, Connection, ConnState
 from pyvmm.vsock.muxer import DGRAM_MAX_QUEUED, HOST_PORT_FIRST
 from pyvmm.vsock.packet import RxBuffer
-from pyvmm.vsock.wire import (DGRAM, OP_ATTACH, OP_CREDIT_UPDATE, OP_NEGOTIATE, OP_OFFER, OP_REQUEST,
-                              OP_RST, OP_RW, OP_SHUTDOWN, RFC2013, RFC2013_HDR, STREAM, UNKNOWN, VIRTIO,
-                              VsockHeader)
+from pyvmm.vsock.wire import (DGRAM, DGRAM_MAX_PAYLOAD, OP_ATTACH, OP_CREDIT_UPDATE, OP_NEGOTIATE,
+                              OP_OFFER, OP_REQUEST, OP_RST, OP_RW, OP_SHUTDOWN, RFC2013, RFC2013_HDR, STREAM,
+                              UNKNOWN, VIRTIO, VsockHeader)
 from test_vsock_connection import kw
 from vsock_guest import GUEST_CID, FakeChain, FakeStream, Guest
 
@@ -339,6 +339,31 @@ def test_datagrams_through_the_unix_end(draft, uds, tmp_path):
     assert draft.dev.counters()["dgram_dropped"] == 1
     receiver.close()
     anonymous.close()
+
+
+@pytest.mark.parametrize("datagram", [
+    b"4000\n" + b"d" * (DGRAM_MAX_PAYLOAD + 1),          # one byte too many, not truncated
+    b"4000\n" + b"d" * (64 << 10),                        # truncated by the read
+    b"4294967296\nbeyond a u32",
+    b"\xff\xfe\nnot a number",
+], ids=["4097-bytes", "64KiB", "port-beyond-u32", "garbage-line"])
+def test_bad_host_datagrams_on_the_unix_end_are_dropped_counted_and_logged_once(draft, uds, datagram, caplog):
+    """PATH.dgram: a datagram whose payload exceeds DGRAM_MAX_PAYLOAD or whose port line is
+    not a u32 never reaches the guest; each is counted in dgram_dropped, the reason logged
+    once; a good one after them still goes through."""
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 18)
+    for _ in range(2):
+        sender.sendto(datagram, f"{uds}.dgram")
+    sender.sendto(b"4000\nfine", f"{uds}.dgram")
+    draft.pump()
+    assert [data for _, data in draft.recv()] == [b"fine"]
+    c = draft.dev.counters()
+    assert c["dgram_dropped"] == 2
+    reason = "host datagram without a '<port>\\n' line, or too large (dropped)"
+    assert c["host_errors_by_reason"] == {reason: 2}, c["host_errors_by_reason"]
+    assert len([r for r in caplog.records if reason in r.getMessage()]) == 1, caplog.text
+    sender.close()
 
 
 def test_the_standard_mode_has_no_datagram_socket_or_api(guest, uds):

@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from pyvmm.vsock.unix import CONNECT_LINE_MAX, CONNECT_TIMEOUT, parse_connect_line
+from pyvmm.vsock.unix import (CONNECT_LINE_MAX, CONNECT_TIMEOUT, UNIX_RECORD_MAX, UNIX_RECORD_OVERHEAD,
+                              SocketStream, parse_connect_line)
 from vsock_guest import GUEST_CID, SEQPACKET, STREAM, Guest, Op, hdr, ops
 
 
@@ -138,7 +139,45 @@ def test_seqpacket_connect_record_rules(guest, uds):
     s.send(b"CONNECT 52\n" + b" " * 40)       # a record longer than 32 bytes
     guest.pump()
     assert closed_without_reply(s)
-    assert guest.dev.counters()["unix_handshake_errors"] == 2
+    s = connect(uds, socket.SOCK_SEQPACKET, ".seqpacket")
+    s.send(b"CONNECT " + b"5" * (100 << 10))  # an endless line: one huge record, read once
+    guest.pump()
+    assert closed_without_reply(s)
+    s = connect(uds, socket.SOCK_SEQPACKET, ".seqpacket")
+    guest.pump()                             # silent: accepted, the timer starts
+    guest.advance(CONNECT_TIMEOUT + 0.1)
+    assert closed_without_reply(s)
+    assert guest.dev.counters()["unix_handshake_errors"] == 4
+    assert guest.recv() == []                # the guest never heard of any of them
+
+
+@pytest.mark.parametrize("want", [1000, 250_000, 1 << 20, 64 << 20])
+def test_max_message_is_the_largest_record_a_unix_seqpacket_socket_takes(want):
+    """SocketStream.max_message raises the send buffer for ``want``-byte records where
+    net.core.wmem_max allows, and says how large a record one send then takes (the rule
+    pyvmm caps a SEQPACKET connection's window by; the default send buffer takes 212,960
+    bytes, less than the 256 KiB window): that size goes through, and below
+    UNIX_RECORD_MAX one byte more is EMSGSIZE."""
+    import errno
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        limit = SocketStream(ours).max_message(want)
+        with open("/proc/sys/net/core/wmem_max") as f:
+            wmem_max = int(f.read())
+        assert min(want, 2 * wmem_max - UNIX_RECORD_OVERHEAD, UNIX_RECORD_MAX) <= limit <= UNIX_RECORD_MAX
+        if limit > 1 << 20:
+            return                  # a multi-MiB record needs a high-order allocation in the kernel
+        ours.setblocking(True)
+        ours.settimeout(5)
+        assert ours.send(b"r" * limit) == limit
+        assert len(theirs.recv(limit + 1)) == limit
+        if limit < UNIX_RECORD_MAX:
+            with pytest.raises(OSError) as e:
+                ours.send(b"r" * (limit + 1))
+            assert e.value.errno == errno.EMSGSIZE
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_guest_seqpacket_to_stream_listener_gets_rst(guest, uds):

@@ -20,6 +20,7 @@ the thread: ``loop.start_thread()``).
 
 from __future__ import annotations
 
+import errno
 import struct
 import threading
 import time
@@ -265,10 +266,12 @@ class FakeChain:
 class FakeStream:
     """A scripted host end: ``inbox``/``messages`` feed the guest, ``out``/
     ``records`` collect what the connection wrote, ``room`` is how many more
-    bytes the host accepts before a write would block."""
+    bytes the host accepts before a write would block, ``max_record`` the
+    largest record it takes (SEQPACKET)."""
 
-    def __init__(self, seqpacket: bool = False, room: int = 1 << 30) -> None:
+    def __init__(self, seqpacket: bool = False, room: int = 1 << 30, max_record: int = 1 << 30) -> None:
         self.seqpacket = seqpacket
+        self.max_record = max_record
         self.inbox = bytearray()
         self.messages: list[bytes] = []
         self.eof = self.hup = False
@@ -306,11 +309,16 @@ class FakeStream:
         buf[:n] = m[:n]
         return len(m)
 
+    def max_message(self, want):
+        return self.max_record
+
     def send_views(self, views):
         if self.fail:
             raise self.fail
         data = b"".join(bytes(v) for v in views)
         if self.seqpacket:
+            if len(data) > self.max_record:
+                raise OSError(errno.EMSGSIZE, "Message too long")
             if self.room <= 0 or len(data) > self.room:     # a full socket takes no record
                 raise BlockingIOError
             self.records.append(data)
