@@ -9,6 +9,7 @@ hanging the suite.  :func:`run_guest` boots and waits for the end;
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import threading
@@ -90,7 +91,14 @@ class LiveGuest:
     def __init__(self, kernel, *, cmdline: str = "", initrd=None, cpus: int = 1,
                  mem: int = 64 << 20, timeout: float = 60.0, vsock: VsockConfig | None = None,
                  default_cmdline: bool = True, stdin=None) -> None:
+        """``stdin``: a file the guest's serial port reads, or "pipe": one that
+        :meth:`type` writes to."""
         self.console = _Console()
+        self._typed = None
+        if stdin == "pipe":
+            r, w = os.pipe()
+            stdin, self._typed = os.fdopen(r, "rb", buffering=0), os.fdopen(w, "wb", buffering=0)
+        self._stdin = stdin
         self.config = MachineConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None,
                                     cmdline=cmdline, mem=mem, cpus=cpus, timeout=timeout,
                                     serial_out=self.console, default_cmdline=default_cmdline,
@@ -133,11 +141,18 @@ class LiveGuest:
                         [slot.transport.snapshot() for slot in vm.virtio_slots],
                         vm.vsock_device.counters() if vm.vsock_device is not None else None)
 
+    def type(self, data: bytes) -> None:
+        """Send ``data`` to the guest's serial port (``stdin="pipe"``)."""
+        self._typed.write(data)
+
     def __exit__(self, *exc) -> None:
         if self._waiter is not None and self._waiter.is_alive():
             self.vm.stop(130, "test finished")
             self._waiter.join()
         self.vm.close()
+        if self._typed is not None:     # EOF ends pyvmm's stdin thread, then its end closes
+            self._typed.close()
+            self._stdin.close()
 
 
 def run_guest(kernel, *, timeout: float = 60.0, **kw) -> GuestRun:

@@ -11,7 +11,7 @@
  * and, datagrams (draft mode only):
  *   vsock-dgram-echo port=P [count=N]
  *   vsock-dgram-client port=P count=N [size=S] [cid=C] [sport=Q] [window=W]
- *                      [linger=TICKS] [maxlost=L]
+ *                      [linger=TICKS] [maxlost=L] [go=serial]
  *   vsock-dgram-flood port=P count=N [size=S] [cid=C] [sport=Q]
  *   vsock-dgram-sink port=P [count=N] [check=1]
  * and, for all: idle=TICKS (IDLE_TSC_DEFAULT), how long nothing may happen
@@ -791,6 +791,7 @@ void scenario_vsock_dgram_client(const struct args *a)
 	uint32_t port = need_port(a);
 	uint64_t count = 1, size = 64, cid, sport = DGRAM_CLIENT_PORT, window = 8;
 	uint64_t linger = DGRAM_LINGER_TSC, maxlost = 0;
+	const char *go = arg_value(a, "go");
 
 	arg_u64(a, "count", &count, 1, UINT64_MAX);
 	arg_u64(a, "size", &size, 8, VSOCK_DGRAM_MAX);
@@ -805,6 +806,11 @@ void scenario_vsock_dgram_client(const struct args *a)
 	dg.peer_port = port;
 	dg.size = size;
 	dgram_bind((uint32_t)sport, dgram_client_rx);
+	if (go && !strcmp(go, "serial")) {     /* the host's receiver is not up yet */
+		say("vsock dgram client waiting for a byte on the serial port");
+		while (serial_getc() < 0)
+			cpu_relax();
+	}
 
 	uint64_t start = rdtsc(), last = start, last_move = start;
 

@@ -31,7 +31,6 @@ the RST that answers it; a reply to the bad packet would have arrived first.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import select
 import socket
@@ -142,16 +141,14 @@ def uds(tmp_path):
 def hostile(uds, case, n=1, extra="", *, echo=True, during=None, **vsock_kw) -> Outcome:
     """Run hostile case ``case``; ``vsock_kw`` go to VsockConfig (proto=, pairs=).
 
-    ``during(g, go)``, if given, runs while the guest does: ``g`` is the
-    :class:`LiveGuest`, ``go()`` sends the byte the guest's ``wait_for_host``
-    waits for on its serial port."""
+    ``during(g)``, if given, runs while the guest does, ``g`` being the
+    :class:`LiveGuest`: ``g.type(b"g")`` sends the byte the guest's
+    ``wait_for_host`` waits for on its serial port."""
     cmd = f"hostile what={case} port={PORT} n={n} {extra}".strip()
-    go_r, go_w = os.pipe()
-    with os.fdopen(go_r, "rb", buffering=0) as go_in, os.fdopen(go_w, "wb", buffering=0) as go_out, \
-            LiveGuest(images.freestanding_guest(), cmdline=cmd, timeout=60, stdin=go_in,
-                      vsock=VsockConfig(3, uds, **vsock_kw)) as g:
+    with LiveGuest(images.freestanding_guest(), cmdline=cmd, timeout=60, stdin="pipe",
+                   vsock=VsockConfig(3, uds, **vsock_kw)) as g:
         if during is not None:
-            during(g, lambda: go_out.write(b"g"))
+            during(g)
         run = g.finish(60)
         transport = g.vm.virtio_slots[0].transport
         out = Outcome(case, run, [dict(q.errors.counts) for q in transport.queues],
@@ -485,7 +482,7 @@ def test_a_bad_event_buffer_is_returned_unwritten_and_the_event_uses_the_next(
         uds, case, where, reason, caplog):
     caplog.set_level(logging.WARNING)
 
-    def during(g, go):
+    def during(g):
         g.wait_for(PREFIX + f"hostile {case} ready", timeout=30)
         g.vsock.transport_reset()
 
@@ -508,13 +505,13 @@ def test_a_device_reset_mid_traffic_ends_the_host_peers_and_a_new_connection_wor
     echo = EchoHost(f"{uds}_{PORT}")
     seen = {}
 
-    def during(g, go):
+    def during(g):
         g.wait_for(PREFIX + "hostile reset-mid resetting", timeout=30)
         t0 = time.monotonic()
         g.wait_for(PREFIX + "hostile reset-mid was-reset", timeout=30)
         seen["ended"] = echo.wait_ended(2, timeout=1.0)
         seen["seconds"] = time.monotonic() - t0
-        go()
+        g.type(b"g")
 
     try:
         out = hostile(uds, "reset-mid", during=during)
@@ -599,14 +596,14 @@ def test_a_guest_that_stops_consuming_rx_throttles_the_host_peers_and_loses_noth
     peers = StallPeers(f"{uds}_{STALL_PORT}")
     seen = {}
 
-    def during(g, go):
+    def during(g):
         g.wait_for(PREFIX + "hostile stop-rx stalled", timeout=30)
         rss0 = rss_bytes()
         with peers.changed:
             peers.changed.wait_for(lambda: all(peers.blocked), timeout=60)
         seen.update(blocked=list(peers.blocked), sent=list(peers.sent),
                     grew=rss_bytes() - rss0, counters=g.vm.vsock_device.counters())
-        go()
+        g.type(b"g")
 
     try:
         out = hostile(uds, "stop-rx", extra=f"fport={STALL_PORT}", during=during)
