@@ -119,7 +119,8 @@ METRIC_NAMES = (
     "host_connects", "guest_connects", "rst_sent", "rst_received", "control_dropped",
     "credit_violations", "credit_requests_sent", "seq_eor_rx", "guest_errors", "host_errors",
     "unix_accepted", "unix_handshake_errors", "events_sent", "transport_resets",
-    "device_resets", "rx_starved", "interrupts", "dgram_tx", "dgram_rx", "dgram_dropped", "wrong_lane", "controlq_buffers",
+    "device_resets", "rx_starved", "interrupts", "dgram_tx", "dgram_rx", "dgram_dropped",
+    "wrong_lane", "controlq_buffers",
 )
 
 
