@@ -63,6 +63,12 @@ _MAIN_THREAD_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIG
                         signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2}
 
 DEFAULT_CMDLINE = ("console=ttyS0", "reboot=k", "panic=-1", "pci=off", "io_delay=none")
+#: how many of a vCPU's last exits a crash report lists (kept in a ring per vCPU)
+RECENT_EXITS = 8
+#: the x86 reset state (RIP 0xfff0, CS base 0xffff0000): after a SHUTDOWN intercept AMD SVM
+#: leaves the VMCB undefined, so KVM (svm.c shutdown_interception) resets the vCPU before it
+#: reports KVM_EXIT_SHUTDOWN; registers read then say nothing about where the fault was
+RESET_RIP, RESET_CS_BASE = 0xFFF0, 0xFFFF0000
 
 
 class ExitStatus:
@@ -200,6 +206,15 @@ _KNOWN_INSNS = (
 )
 
 
+def describe_exit(exit_: exits.VcpuExit) -> str:
+    """A few words for one exit, for a crash report's list of a vCPU's last exits."""
+    if isinstance(exit_, (exits.IoIn, exits.IoOut)):
+        return f"{type(exit_).__name__} port {exit_.port:#x}"
+    if isinstance(exit_, (exits.MmioRead, exits.MmioWrite)):
+        return f"{type(exit_).__name__} {exit_.addr:#x}"
+    return type(exit_).__name__
+
+
 def _name_insn(code: bytes) -> str:
     for prefix, name in _KNOWN_INSNS:
         if code.startswith(prefix):
@@ -224,6 +239,8 @@ class Machine:
         self._exit_counts: collections.Counter = collections.Counter()
         self._counts_lock = threading.Lock()
         self._io_lock = threading.Lock()       # legacy devices are not thread-safe
+        #: per vCPU index, its last RECENT_EXITS exits (for the report of a crash)
+        self._recent_exits: dict[int, collections.deque] = {}
         self._closers: list = []
         _install_kick_handler()
         try:
@@ -531,6 +548,7 @@ class Machine:
 
     def _vcpu_loop(self, vcpu) -> None:
         counts: collections.Counter = collections.Counter()
+        recent = self._recent_exits[vcpu.index] = collections.deque(maxlen=RECENT_EXITS)
         pio, mmio, lock = self.pio_bus, self.mmio_bus, self._io_lock
         done = self._done
         affinity.set_thread_name(f"{affinity.VCPU_THREAD_PREFIX}{vcpu.index}")
@@ -545,6 +563,7 @@ class Machine:
                 counts[kind] += 1
                 if isinstance(exit_, exits.Interrupted):
                     continue
+                recent.append(exit_)
                 with lock:
                     if handle_exit(exit_, pio, mmio):
                         continue
@@ -568,7 +587,8 @@ class Machine:
         except (KvmError, PyvmmError):
             code = b""
         if isinstance(exit_, exits.Shutdown):
-            return ExitStatus.GUEST_CRASH, f"{where}{code_text}: triple fault (KVM_EXIT_SHUTDOWN)"
+            return (ExitStatus.GUEST_CRASH, f"{where}{code_text}: triple fault (KVM_EXIT_SHUTDOWN)"
+                    f"; {self._crash_state(vcpu)}")
         if isinstance(exit_, exits.InternalError):
             what = exit_.suberror_name
             if exit_.suberror == abi.KvmInternalError.KVM_INTERNAL_ERROR_EMULATION:
@@ -588,6 +608,22 @@ class Machine:
         if isinstance(exit_, exits.Hlt):
             return ExitStatus.GUEST_RESET, f"{where}: the guest halted"
         return ExitStatus.GUEST_CRASH, f"{where}: unexpected exit {exit_}"
+
+    def _crash_state(self, vcpu) -> str:
+        """The vCPU's registers and its last exits, for the report of a triple fault."""
+        recent = self._recent_exits.get(vcpu.index, ())
+        last = "last exits (oldest first): " + (", ".join(map(describe_exit, recent)) or "none")
+        try:
+            r, s = vcpu.get_regs(), vcpu.get_sregs()
+        except KvmError as e:
+            return f"registers unavailable ({e}); {last}"
+        state = (f"RSP {r.rsp:#x} RFLAGS {r.rflags:#x} CR0 {s.cr0:#x} CR2 {s.cr2:#x} "
+                 f"CR3 {s.cr3:#x} CR4 {s.cr4:#x} EFER {s.efer:#x} CS {s.cs.selector:#x} "
+                 f"base {s.cs.base:#x} IDT {s.idt.base:#x}/{s.idt.limit:#x}")
+        if r.rip == RESET_RIP and s.cs.base == RESET_CS_BASE:
+            state += (" (the reset state: KVM reset this vCPU before reporting the shutdown, "
+                      "as it does on AMD SVM, so these are not the faulting registers)")
+        return f"{state}; {last}"
 
     def _code_at(self, vcpu, rip: int) -> bytes:
         gpa = vcpu.translate(rip)

@@ -13,12 +13,16 @@ Four classes of test, by marker:
   unless ``PYVMM_NO_LAB=1`` opts out explicitly.
 
 At the end, the terminal summary says how many tests of each class ran,
-were skipped (and why) and where.
+were skipped (and why) and where.  Inside the lab, with ``PYVMM_LAB_FAILURES``
+set to a file in the project, the session also writes there, as JSON, every
+failed test's id and full failure text (setup, call and teardown): the proxy
+reads it to decide whether a failure is the lab's own (tests/test_lab_e2e.py).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 
 import pytest
@@ -61,6 +65,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 _outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 _skip_reasons: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+#: failed test id -> its failure texts (setup, call, teardown), for PYVMM_LAB_FAILURES
+_failures: dict[str, str] = {}
 
 
 def _test_class(report) -> str:
@@ -75,12 +81,22 @@ def _test_class(report) -> str:
 
 
 def pytest_runtest_logreport(report):
+    if report.failed:
+        _failures[report.nodeid] = (_failures.get(report.nodeid, "")
+                                    + f"--- {report.when} ---\n{report.longreprtext}\n")
     cls = _test_class(report)
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         _outcomes[cls][report.outcome] += 1
         if report.skipped:
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
             _skip_reasons[cls][reason.removeprefix("Skipped: ")] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("PYVMM_LAB_FAILURES")
+    if path and IN_LAB:
+        with open(path, "w") as f:
+            json.dump(_failures, f, indent=1)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -9,6 +9,7 @@ hanging the suite.  :func:`run_guest` boots and waits for the end;
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -120,7 +121,22 @@ class LiveGuest:
         self._ended.set()
 
     def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
-        return self.console.wait_for(pattern, timeout, self._ended)
+        try:
+            return self.console.wait_for(pattern, timeout, self._ended)
+        except AssertionError as e:
+            if self._result is None:
+                raise
+            raise AssertionError(f"{e}\n--- the guest ended: status {self._result.status}: "
+                                 f"{self._result.reason}") from None
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    @property
+    def result(self) -> RunResult | None:
+        """How the run ended, once it has (else None)."""
+        return self._result
 
     @property
     def vsock(self):
@@ -153,6 +169,105 @@ class LiveGuest:
         if self._typed is not None:     # EOF ends pyvmm's stdin thread, then its end closes
             self._typed.close()
             self._stdin.close()
+
+
+class ShellGuest(LiveGuest):
+    """A Linux guest (the default initramfs) that runs the commands a test types on its console.
+
+    Its ``pyvmm.run`` is a loop reading console lines and running each (:data:`LOOP`).  Every
+    command is started in the background with its output tagged by a token of its own, and
+    ends with a line giving its exit status, so tests that share the guest never read each
+    other's lines and one command's hang does not block the next::
+
+        with ShellGuest(kernel, initrd=...) as g:
+            g.wait_ready()
+            cmd = g.run("pyvmm-hello a b")          # cmd.status, cmd.output
+            srv = g.start("vsock-echo-server --port 1234 --count 1")
+            srv.wait_for(r"listening stream 1234"); ...; srv.wait(60)
+    """
+
+    #: the guest's command loop: console echo off (typed text stays off the console), no
+    #: pathname expansion (``eval`` then sees each line as typed), one ``eval`` per line
+    LOOP = "stty -echo; set -f; while read -r line; do eval $line; done"
+
+    def __init__(self, kernel, *, cmdline: str = "", **kw) -> None:
+        self._keyboard_lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        super().__init__(kernel, cmdline=f'pyvmm.run="{self.LOOP}" {cmdline}'.strip(),
+                         stdin="pipe", **kw)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Wait for /init's ready line and for the loop to answer a first command."""
+        self.wait_for(r"^pyvmm-guest: ready$", timeout)
+        first = self.run("true", timeout=60)
+        if first.status != 0:
+            raise AssertionError(f"the guest's command loop answered {first.status}")
+
+    def type_line(self, line: str) -> None:
+        """Type one line on the guest's console (the loop runs it)."""
+        if "\n" in line:
+            raise ValueError("one line at a time")
+        with self._keyboard_lock:
+            self.type(line.encode() + b"\n")
+
+    def start(self, command: str) -> "GuestCommand":
+        """Start ``command`` (a shell command line) in the guest; returns at once."""
+        token = f"c{next(self._tokens)}"
+        self.type_line(f'{{ {command}; echo "{GuestCommand.END} $?"; }} 2>&1 | '
+                  f'while read -r x; do echo "{token}|$x"; done &')
+        return GuestCommand(self, token, command)
+
+    def start_server(self, command: str, listening: str, timeout: float = 120.0) -> "GuestCommand":
+        """Start a guest-side server and wait for its line matching ``listening``."""
+        server = self.start(command)
+        server.wait_for(listening, timeout)
+        return server
+
+    def run(self, command: str, timeout: float = 120.0) -> "GuestCommand":
+        """Run ``command`` in the guest and wait for it to end; see :class:`GuestCommand`."""
+        cmd = self.start(command)
+        cmd.wait(timeout)
+        return cmd
+
+    def __exit__(self, *exc) -> None:
+        if self._waiter is not None and self._waiter.is_alive():
+            self.type_line("exit")     # the loop ends, /init reports and resets the guest
+            self._waiter.join(30)
+        super().__exit__(*exc)
+
+
+class GuestCommand:
+    """One command started by :meth:`ShellGuest.start`: its own console lines and status."""
+
+    END = "@@end"
+
+    def __init__(self, guest: ShellGuest, token: str, command: str) -> None:
+        self.guest, self.token, self.command = guest, token, command
+        self.status: int | None = None
+
+    @property
+    def output(self) -> str:
+        """What the command printed so far (stdout and stderr), without the status line."""
+        prefix = f"{self.token}|"
+        return "\n".join(line[len(prefix):] for line in self.guest.console.text().splitlines()
+                         if line.startswith(prefix) and not line.startswith(prefix + self.END))
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        """Wait for a line of this command's output matching ``pattern`` (a search)."""
+        return self.guest.wait_for(rf"^{re.escape(self.token)}\|.*?(?:{pattern})", timeout)
+
+    def wait(self, timeout: float = 120.0) -> int:
+        """Wait for the command to end; returns (and keeps in ``status``) its exit status."""
+        try:
+            m = self.guest.wait_for(rf"^{re.escape(self.token)}\|{self.END} (\d+)$", timeout)
+        except AssertionError as e:
+            raise AssertionError(f"guest command {self.command!r} did not end: {e}\n"
+                                 f"--- its output ---\n{self.output}") from None
+        self.status = int(m.group(1))
+        return self.status
+
+    def explain(self) -> str:
+        return f"guest command {self.command!r} -> status {self.status}\n{self.output}"
 
 
 def run_guest(kernel, *, timeout: float = 60.0, **kw) -> GuestRun:
@@ -204,3 +319,56 @@ def recv_all(s: socket.socket, limit: int = 1 << 30) -> bytes:
     while len(out) < limit and (chunk := s.recv(min(1 << 16, limit - len(out)))):
         out += chunk
     return bytes(out)
+
+
+# --- host-side servers for guest-initiated connections (``<uds>_<port>``) -------------------
+class UnixServer:
+    """A Unix listener at ``path`` whose connections ``handler(conn)`` serves, one thread each;
+    a context manager that closes the listener.  A handler's exception is kept in ``errors``
+    for the test to check."""
+
+    def __init__(self, path: str, handler, kind=socket.SOCK_STREAM) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, kind)
+        self.sock.bind(path)
+        self.sock.listen(128)
+        self.handler = handler
+        self.errors: list[str] = []
+        self.served = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn) -> None:
+        with conn:
+            try:
+                self.handler(conn)
+                self.served += 1
+            except Exception as e:          # recorded, checked by the test
+                self.errors.append(repr(e))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "UnixServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def echo_stream(conn) -> None:
+    """A UnixServer handler: echo a stream until EOF."""
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def echo_records(conn) -> None:
+    """A UnixServer handler: echo each SOCK_SEQPACKET record as one record."""
+    while data := conn.recv(1 << 20):
+        conn.send(data)

@@ -57,7 +57,7 @@ def one_round(conns: int, nbytes: int, vsock_options: str = "") -> dict:
             else:
                 return {"errors": [f"pyvmm ended before the guest listened: {proc.stderr.read()[-2000:]!r}"]}
             t0 = time.monotonic()
-            result = _echo_streams(uds, conns, nbytes)
+            result = echo_streams(uds, conns, nbytes)
             result["seconds"] = time.monotonic() - t0
             out, _ = proc.communicate(timeout=120)
             if proc.returncode != 0:
@@ -71,9 +71,13 @@ def one_round(conns: int, nbytes: int, vsock_options: str = "") -> dict:
             proc.wait()
 
 
-def _echo_streams(uds: str, conns: int, nbytes: int) -> dict:
+def echo_streams(uds: str, conns: int, nbytes: int, port: int = PORT) -> dict:
+    """``conns`` host connections at once to the echo server on guest ``port`` (through the
+    Firecracker host end ``uds``), each sending ``nbytes`` while reading the echo back; returns
+    the figures, with ``errors`` listing any connection whose echo differs (bytes, SHA-256).
+    Also used with the Linux guest's echo server (tests/e2e/test_stress.py)."""
     block = os.urandom(1 << 20)                              # sent with a per-connection offset
-    socks = [connect_unix(uds, PORT) for _ in range(conns)]
+    socks = [connect_unix(uds, port) for _ in range(conns)]
     for s in socks:
         s.setblocking(False)
     state = {s: {"sent": 0, "back": 0, "out": hashlib.sha256(), "in": hashlib.sha256(), "i": i}

@@ -1,0 +1,54 @@
+"""The Linux guest the e2e tests share: one boot per session, whatever subset runs, in any order.
+
+The guest is the default kernel and initramfs with 2 vCPUs and a vsock device (CID 3, the
+Firecracker-style Unix socket in a temporary directory).  Its console runs a command loop
+(:class:`harness.ShellGuest`): a test types the commands it needs (a guest-side server on a
+port of its own, a client) and reads back only their own output and exit status.  No test
+relies on another having run before it, or reads what another left; a test that needs a
+fresh boot (the bzImage, the CLI with its stdin) makes its own.
+
+Every test using the guest checks that it is running before and after: a guest that ended
+(a crash) fails the tests saying how it ended (pyvmm's reason), rather than with a timeout.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import ShellGuest
+from pyvmm import images
+from pyvmm.machine import VsockConfig
+
+GUEST_CID = 3
+GUEST_CPUS = 2
+GUEST_MEM = 128 << 20          # the stress test runs ~200 guest processes at once
+#: the whole session's bound (the lab gives the e2e tests 1800 s)
+GUEST_TIMEOUT = 1500
+
+
+@pytest.fixture(scope="session")
+def linux_session(tmp_path_factory):
+    uds = str(tmp_path_factory.mktemp("vsock") / "v.sock")
+    guest = ShellGuest(images.default_kernel(), initrd=images.default_initramfs(),
+                       cpus=GUEST_CPUS, mem=GUEST_MEM, timeout=GUEST_TIMEOUT,
+                       vsock=VsockConfig(GUEST_CID, uds))
+    with guest:
+        guest.wait_ready()
+        guest.uds = uds
+        yield guest
+
+
+def _ended(guest: ShellGuest, when: str) -> str:
+    r = guest.result
+    return (f"the shared guest ended {when} (status {r.status}: {r.reason})\n--- console tail ---\n"
+            + "\n".join(guest.console.text().splitlines()[-30:]))
+
+
+@pytest.fixture
+def linux(linux_session):
+    """The shared guest, checked to be running before the test and still running after it."""
+    if linux_session.ended:
+        pytest.fail(_ended(linux_session, "before this test"))
+    yield linux_session
+    if linux_session.ended:
+        pytest.fail(_ended(linux_session, "during this test"))

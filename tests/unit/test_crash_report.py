@@ -1,0 +1,80 @@
+"""pyvmm's report of a triple fault, and the lab proxy's one retried signature that depends on it.
+
+The report (Machine._diagnose on KVM_EXIT_SHUTDOWN) holds the vCPU's registers and its last
+exits, and says when those registers are the x86 reset state (KVM on AMD SVM resets the vCPU
+before it reports the shutdown).  tests/test_lab_e2e.py retries a failure only if it holds
+LAB_SIGNATURE: these check that pyvmm's real report matches it, and nothing else does.
+"""
+
+from __future__ import annotations
+
+import collections
+from types import SimpleNamespace
+
+import pytest
+
+from pyvmm.kvm import abi, exits
+from pyvmm.machine import RECENT_EXITS, ExitStatus, Machine, describe_exit
+
+import test_lab_e2e
+
+
+class FakeVcpu:
+    def __init__(self, rip: int, cs_base: int) -> None:
+        self.index = 1
+        self.regs = abi.kvm_regs(rip=rip, rsp=0x1000)
+        self.sregs = abi.kvm_sregs()
+        self.sregs.cs.base = cs_base
+        self.sregs.cr0 = 0x60000010
+
+    def get_regs(self):
+        return self.regs
+
+    def get_sregs(self):
+        return self.sregs
+
+    def translate(self, rip):
+        return None
+
+
+def report(rip: int, cs_base: int, recent=()) -> tuple[int, str]:
+    machine = SimpleNamespace(_recent_exits={1: collections.deque(recent, maxlen=RECENT_EXITS)},
+                              _code_at=lambda vcpu, rip: b"")
+    machine._crash_state = lambda vcpu: Machine._crash_state(machine, vcpu)
+    return Machine._diagnose(machine, FakeVcpu(rip, cs_base), exits.Shutdown())
+
+
+def test_a_shutdown_at_the_reset_state_is_reported_as_such_with_the_last_exits():
+    recent = [exits.IoOut(0x3F8, 1, 1, b"x"), exits.MmioWrite(0xD0000050, b"\0" * 4)]
+    status, reason = report(0xFFF0, 0xFFFF0000, recent)
+    assert status == ExitStatus.GUEST_CRASH
+    assert "\n" not in reason
+    assert "vCPU 1 at RIP 0xfff0" in reason and "triple fault (KVM_EXIT_SHUTDOWN)" in reason
+    assert "CR0 0x60000010" in reason and "(the reset state" in reason, reason
+    assert "last exits (oldest first): IoOut port 0x3f8, MmioWrite 0xd0000050" in reason, reason
+    assert test_lab_e2e.LAB_SIGNATURE.search(reason), reason
+
+
+def test_a_shutdown_elsewhere_keeps_its_registers_and_is_not_the_lab_signature():
+    """On VMX, KVM does not reset the vCPU: the registers are the faulting ones."""
+    status, reason = report(0xFFFFFFFF81000000, 0, [])
+    assert "RIP 0xffffffff81000000" in reason and "reset state" not in reason, reason
+    assert "last exits (oldest first): none" in reason
+    assert not test_lab_e2e.LAB_SIGNATURE.search(reason)
+
+
+@pytest.mark.parametrize("failures, retried", [
+    ({}, False),
+    ({"t::a": "AssertionError: results differ"}, False),
+    ({"t::a": "the guest ended: status 1: " + report(0xFFF0, 0xFFFF0000)[1]}, True),
+    ({"t::a": "the guest ended: status 1: " + report(0xFFF0, 0xFFFF0000)[1],
+      "t::b": "AssertionError: SHA-256 differs"}, False),
+    ({"t::a": "status 1: vCPU 0 at RIP 0xfff0: KVM internal error"}, False),
+])
+def test_the_proxy_retries_only_when_every_failure_is_the_lab_signature(failures, retried):
+    assert test_lab_e2e.lab_own_failure(failures) is retried
+
+
+def test_describe_exit_names_ports_and_addresses():
+    assert describe_exit(exits.IoIn(0x64, 1, 1, memoryview(bytearray(1)))) == "IoIn port 0x64"
+    assert describe_exit(exits.Shutdown()) == "Shutdown"
