@@ -48,6 +48,7 @@ def e2e_runs_here() -> bool:
     return HOST.flavour is KvmFlavour.HARDWARE
 
 
+@pytest.hookimpl(trylast=True)          # after -k / -m deselection: hand the lab only what was chosen
 def pytest_collection_modifyitems(session, config, items):
     reason = kvm_unusable_reason()
     lab_items = []

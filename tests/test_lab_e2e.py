@@ -97,6 +97,12 @@ def test_e2e_tests_in_the_lab(request, capsys):
     request.config.stash[LAB_SUMMARY] = where
     with capsys.disabled():
         print(f"\n[lab] {where}")
+        if retries:                     # the retried failures stay visible, whatever the retry did
+            print("[lab] first lab run's failures (the retried signature):")
+            for nodeid, text in sorted(failures.items()):
+                lines = text.splitlines()
+                shown = [l for l in lines if LAB_SIGNATURE.search(l)][:1] + lines[-25:]
+                print(f"[lab]   {nodeid}:\n" + "\n".join(f"[lab]     {l}" for l in shown))
     not_retried = ("" if retries or first.status == 0 else
                    "; not retried: " + ("no failure report from the lab" if failures is None else
                                         f"not every failure is {LAB_SIGNATURE_NAME}"))

@@ -60,6 +60,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--boots", type=int, default=10)
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--kernel", choices=("vmlinux", "bzimage"), default="vmlinux")
     ap.add_argument("--trace-kb", type=int, default=4096, help="trace ring per CPU, 0 = none")
     ap.add_argument("--trace-lines", type=int, default=400)
     args = ap.parse_args()
@@ -70,10 +71,11 @@ def main() -> int:
             (TRACING / "trace").write_text("")
             (TRACING / "tracing_on").write_text("1")
         t0 = time.monotonic()
-        run = run_guest(images.default_kernel(), initrd=images.default_initramfs(), cpus=args.cpus,
+        kernel = images.default_kernel() if args.kernel == "vmlinux" else images.default_bzimage()
+        run = run_guest(kernel, initrd=images.default_initramfs(), cpus=args.cpus,
                         cmdline=f'pyvmm.run="{SCRIPT}"', timeout=300)
         ok = run.result.status == ExitStatus.GUEST_RESET and "pyvmm-guest: exit 3" in run.console
-        print(f"boot {i}/{args.boots} cpus={args.cpus}: {'ok' if ok else 'FAILED'} status "
+        print(f"boot {i}/{args.boots} {args.kernel} cpus={args.cpus}: {'ok' if ok else 'FAILED'} status "
               f"{run.result.status} in {time.monotonic() - t0:.1f} s: {run.result.reason}",
               flush=True)
         if ok:
@@ -87,7 +89,7 @@ def main() -> int:
             print(f"--- boot {i}: outer kernel's kvm trace, last {args.trace_lines} lines ---\n"
                   + trace_tail(args.trace_lines), flush=True)
     print(f"triple-fault hunt: {args.boots} boots, {crashes} crashes, {others} other failures "
-          f"(cpus={args.cpus}, tracing {'on' if tracing else 'off'})", flush=True)
+          f"({args.kernel}, cpus={args.cpus}, tracing {'on' if tracing else 'off'})", flush=True)
     return 1 if crashes or others else 0
 
 
