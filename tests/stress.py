@@ -10,7 +10,8 @@ digest.  pyvmm runs as its own process (``python -m pyvmm run``), as a user runs
 ``python tests/stress.py [--conns 64] [--mib 64] [--proto virtio|rfc2013] [--pairs N]
 [--duration SECONDS]`` (``make soak DURATION=...``): one round, or rounds until the duration is
 up (a fresh pyvmm each round); prints each round and the totals (connections, bytes each way,
-errors), exit status 1 if any error.  ``tests/kvm/test_stress.py`` runs a short form in CI.
+errors), exit status 1 if any error.  ``tests/kvm/test_stress.py`` runs a short form in CI;
+``tests/e2e/test_stress.py`` runs :func:`echo_streams` against the Linux guest (in the lab).
 """
 
 from __future__ import annotations

@@ -109,4 +109,7 @@ def test_e2e_tests_in_the_lab(request, capsys):
     assert result.status == 0, (f"e2e tests failed in the lab (status {result.status}"
                                 f"{': ' + result.error if result.error else ''}{not_retried})\n"
                                 f"--- first lab run ---\n{first.output[-12000:]}"
-                                + (f"\n--- retry ---\n{result.output[-12000:]}" if retries else ""))
+                                + (f"\n--- retry ---\n{result.output[-12000:]}" if retries else "")
+                                + (f"\n--- the outer console (last 60 lines) ---\n"
+                                   + "\n".join(result.console.splitlines()[-60:])
+                                   if result.status == lab.EXIT_LAB_ERROR else ""))
