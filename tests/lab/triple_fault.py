@@ -1,12 +1,13 @@
-"""Hunt the 2-vCPU guest's rare triple fault in the lab: boot the default guest N times, with
-the outer kernel's KVM trace events recording, and report every boot that did not end well.
+"""Hunt the guest's rare triple fault in the lab: boot a guest N times, with the outer
+kernel's KVM trace events recording, and report every boot that did not end well.
 
 Run inside the lab (it needs the lab's /dev/kvm and root for tracefs)::
 
-    nice tests/lab/run --cpus 2 --timeout 3000 -- .venv/bin/python tests/lab/triple_fault.py --boots 10 --cpus 2
+    nice tests/lab/run --cpus 2 --timeout 3000 -- \
+        .venv/bin/python tests/lab/triple_fault.py --boots 10 --cpus 2 [--kernel bzimage]
 
-Each boot runs the script of ``tests/e2e/test_default_guest.py`` (the boot the failure was
-first seen in).  Before each boot the trace buffer of the outer kernel (``kvm:*`` events:
+Each boot runs the script the 2-vCPU default guest ran when the failure was first seen
+(tests/lab/README.md, "The 2-vCPU triple fault").  Before each boot the trace buffer of the outer kernel (``kvm:*`` events:
 every exit of the nested guest with its RIP and exit code, injected interrupts, ...) is
 cleared; when a boot ends in anything but the guest's own reset, the script prints pyvmm's
 reason (which, for KVM_EXIT_SHUTDOWN, holds the vCPU state and last exits), the tail of the
