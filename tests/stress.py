@@ -11,7 +11,7 @@ digest.  pyvmm runs as its own process (``python -m pyvmm run``), as a user runs
 [--duration SECONDS]`` (``make soak DURATION=...``): one round, or rounds until the duration is
 up (a fresh pyvmm each round); prints each round and the totals (connections, bytes each way,
 errors), exit status 1 if any error.  ``tests/kvm/test_stress.py`` runs a short form in CI;
-``tests/e2e/test_stress.py`` runs :func:`echo_streams` against the Linux guest (in the lab).
+``tests/e2e/test_linux_stress.py`` runs :func:`echo_streams` against the Linux guest (in the lab).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def echo_streams(uds: str, conns: int, nbytes: int, port: int = PORT) -> dict:
     """``conns`` host connections at once to the echo server on guest ``port`` (through the
     Firecracker host end ``uds``), each sending ``nbytes`` while reading the echo back; returns
     the figures, with ``errors`` listing any connection whose echo differs (bytes, SHA-256).
-    Also used with the Linux guest's echo server (tests/e2e/test_stress.py)."""
+    Also used with the Linux guest's echo server (tests/e2e/test_linux_stress.py)."""
     block = os.urandom(1 << 20)                              # sent with a per-connection offset
     socks = [connect_unix(uds, port) for _ in range(conns)]
     for s in socks:
