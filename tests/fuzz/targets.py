@@ -30,7 +30,7 @@ kept inputs (``tests/fuzz/corpus/<target>/``) and runs a short fuzz of each.
   names a chain the driver made available, once (MockQueue checks that); the
   device never sends a connection more RW bytes than the guest's credit at the
   time; the tables stay within their named bounds; once the input is over and
-  everything is closed, the process holds exactly the file descriptors it held
+  everything is closed, the process holds no more file descriptors than it held
   before (no host peer can make pyvmm leak one).
 """
 
@@ -185,7 +185,7 @@ def fuzz_vsock(data: bytes) -> None:
     fds_before = _open_fds()
     _fuzz_vsock(data)
     fds_after = _open_fds()
-    if fds_after != fds_before:
+    if fds_after > fds_before:          # fewer is fine: others' garbage collected meanwhile
         raise Violation(f"{fds_after - fds_before} file descriptors left open after the input")
 
 

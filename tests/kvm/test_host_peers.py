@@ -155,7 +155,8 @@ def test_a_burst_of_ten_thousand_connects_leaks_nothing_and_a_client_is_served_t
     record_property("rss_growth_kib", rss - base_rss)
     print(f"{end}: {BURST} connects in {burst_seconds:.2f} s, drained after {drained_seconds:.2f} s, "
           f"fds {base_fds} -> {fds}, RSS {base_rss} -> {rss} KiB, {delta}")
-    assert after_tables == base_tables and fds == base_fds
+    # fewer fds is fine: the suite's other garbage (sockets, pipes) may be collected meanwhile
+    assert after_tables == base_tables and fds <= base_fds
     assert rss - base_rss < 16 << 10, (base_rss, rss)
     assert delta["unix_accepted"] == BURST + 1                    # and the new connection
     assert delta["unix_handshake_errors"] + delta["host_connects"] == BURST + 1, delta
