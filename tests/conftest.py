@@ -17,6 +17,9 @@ were skipped (and why) and where.  Inside the lab, with ``PYVMM_LAB_FAILURES``
 set to a file in the project, the session also writes there, as JSON, every
 failed test's id and full failure text (setup, call and teardown): the proxy
 reads it to decide whether a failure is the lab's own (tests/test_lab_e2e.py).
+With ``PYVMM_LAB_TRACE`` set too, the session records the outer kernel's KVM trace
+(tests/lab/kvm_trace.py), which freezes at a nested guest's first triple fault, and
+writes its end to that file if it did: where the guest was when it faulted.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from __future__ import annotations
 import collections
 import json
 import os
+
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,11 +99,31 @@ def pytest_runtest_logreport(report):
             _skip_reasons[cls][reason.removeprefix("Skipped: ")] += 1
 
 
+def _kvm_trace():
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "lab"))
+    import kvm_trace
+    return kvm_trace
+
+
+def pytest_sessionstart(session):
+    path = os.environ.get("PYVMM_LAB_TRACE")
+    if path and IN_LAB:
+        why_not = _kvm_trace().start()
+        Path(path).write_text(f"{why_not}\n" if why_not else "")
+
+
 def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("PYVMM_LAB_FAILURES")
     if path and IN_LAB:
         with open(path, "w") as f:
             json.dump(_failures, f, indent=1)
+    path = os.environ.get("PYVMM_LAB_TRACE")
+    if path and IN_LAB and _kvm_trace().caught():
+        from pyvmm import images
+        vmlinux = images.default_kernel(required=False)     # the bzImage holds the same kernel
+        Path(path).write_text(
+            "the outer kernel's KVM trace, frozen at the first SHUTDOWN exit (guest RIPs named "
+            f"from {vmlinux}):\n" + _kvm_trace().excerpt(vmlinux=vmlinux) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -46,6 +46,8 @@ LAB_SIGNATURE = re.compile(r"vCPU \d+ at RIP 0xfff0\b[^\n]*: triple fault \(KVM_
                            r"[^\n]*\(the reset state")
 #: the file (in the project, so the lab can write it) where the session inside lists its failures
 FAILURES_FILE = ".pytest-lab-failures.json"
+#: ... and where it writes the outer kernel's KVM trace at a triple fault (tests/lab/kvm_trace.py)
+TRACE_FILE = ".pytest-lab-trace.txt"
 
 
 def lab_own_failure(failures: dict[str, str]) -> bool:
@@ -68,23 +70,30 @@ def test_e2e_tests_in_the_lab(request, capsys):
     figures = top / ".pytest-figures.json"       # written by e2e tests inside the lab
     figures.unlink(missing_ok=True)
     failures_file = top / FAILURES_FILE
+    trace_file = top / TRACE_FILE
+    traces = []             # (which run, what the session inside wrote about the outer trace)
 
-    def run_in_lab(ids):
+    def run_in_lab(ids, label):
         failures_file.unlink(missing_ok=True)
+        trace_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rsfE",
                "--rootdir", str(top), *ids]
         result = lab.run(cmd, timeout=LAB_TIMEOUT, cpus=LAB_CPUS, cwd=top,
-                         env={"PYVMM_LAB_FAILURES": str(failures_file)})
+                         env={"PYVMM_LAB_FAILURES": str(failures_file),
+                              "PYVMM_LAB_TRACE": str(trace_file)})
         failures = json.loads(failures_file.read_text()) if failures_file.exists() else None
         failures_file.unlink(missing_ok=True)
+        if trace_file.exists() and trace_file.read_text().strip():
+            traces.append((label, trace_file.read_text()))
+        trace_file.unlink(missing_ok=True)
         return result, failures
 
-    first, failures = run_in_lab(nodeids)
+    first, failures = run_in_lab(nodeids, "first lab run")
     result, retries = first, 0
     retried = "lab retries: 0"
     if first.status == 1 and failures is not None and lab_own_failure(failures):
         retries = 1
-        result, _ = run_in_lab(sorted(failures))
+        result, _ = run_in_lab(sorted(failures), "retry")
         retried = (f"lab retries: {retries} for {LAB_SIGNATURE_NAME}: {len(failures)} tests "
                    f"re-run in a fresh lab, {'passed' if result.status == 0 else 'failed again'}:"
                    f" {', '.join(sorted(failures))}")
@@ -107,6 +116,8 @@ def test_e2e_tests_in_the_lab(request, capsys):
                 lines = text.splitlines()
                 shown = [l for l in lines if LAB_SIGNATURE.search(l)][:1] + lines[-25:]
                 print(f"[lab]   {nodeid}:\n" + "\n".join(f"[lab]     {l}" for l in shown))
+        for label, text in traces:      # a caught SHUTDOWN exit, or why there is no trace
+            print(f"[lab] {label}: " + "\n".join(f"[lab]   {l}" for l in text.splitlines()))
     not_retried = ("" if retries or first.status == 0 else
                    "; not retried: " + ("no failure report from the lab" if failures is None else
                                         f"not every failure is {LAB_SIGNATURE_NAME}"))
@@ -114,6 +125,7 @@ def test_e2e_tests_in_the_lab(request, capsys):
                                 f"{': ' + result.error if result.error else ''}{not_retried})\n"
                                 f"--- first lab run ---\n{first.output[-12000:]}"
                                 + (f"\n--- retry ---\n{result.output[-12000:]}" if retries else "")
+                                + "".join(f"\n--- {label}: {text}" for label, text in traces)
                                 + (f"\n--- the outer console (last 60 lines) ---\n"
                                    + "\n".join(result.console.splitlines()[-60:])
                                    if result.status == lab.EXIT_LAB_ERROR else ""))

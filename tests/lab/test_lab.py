@@ -45,3 +45,13 @@ def test_timeout_stops_the_machine():
     assert result.status == lab.EXIT_TIMEOUT
     assert result.error == "timed out after 20 s"
     assert result.timings["total"] < 60
+
+
+def test_the_outer_kvm_trace_freezes_at_a_nested_guests_triple_fault():
+    """The e2e sessions record the outer kernel's KVM trace to catch a nested guest's triple
+    fault (tests/lab/kvm_trace.py); this control faults on purpose and checks that the ring
+    stopped at exactly that SHUTDOWN exit, with the guest's RIP."""
+    result = lab.run([sys.executable, "tests/lab/triple_fault.py", "--control"], timeout=300,
+                     cwd=lab.PROJECT_DIR)
+    assert result.status == 0, result.output
+    assert "trace control: ok" in result.stdout
