@@ -50,8 +50,11 @@ def positive_float(text: str) -> float:
 
 
 def parse_vsock(text: str):
-    """'CID[,uds=PATH][,buf=SIZE][,proto=virtio|rfc2013][,pairs=N]' (also 'cid=CID,socket=PATH',
-    cloud-hypervisor's spelling).
+    """'CID[,uds=PATH][,group=DIR][,buf=SIZE][,proto=virtio|rfc2013][,pairs=N]' (also
+    'cid=CID,socket=PATH', cloud-hypervisor's spelling).
+
+    ``group=DIR`` joins the vsock group in directory DIR: pyvmm processes given the same
+    directory carry packets between their guests' CIDs (pyvmm.vsock.group).
 
     ``buf`` is the window each connection advertises (its buf_alloc; a size as for
     ``--mem`` but in KiB by default, e.g. 256K or 1M); the device checks its range.
@@ -60,8 +63,8 @@ def parse_vsock(text: str):
     from .machine import VsockConfig
     from .vsock.device import MAX_PAIRS
     from .vsock.wire import WIRE_FORMATS
-    usage = "expected CID[,uds=PATH][,buf=SIZE][,proto=virtio|rfc2013][,pairs=N]"
-    cid, uds, buf, proto, pairs = None, None, None, "virtio", None
+    usage = "expected CID[,uds=PATH][,group=DIR][,buf=SIZE][,proto=virtio|rfc2013][,pairs=N]"
+    cid, uds, group, buf, proto, pairs = None, None, None, None, "virtio", None
     for i, item in enumerate(text.split(",")):
         key, eq, value = item.partition("=")
         if not eq and i == 0:
@@ -70,6 +73,8 @@ def parse_vsock(text: str):
             cid = int(value)
         elif key in ("uds", "socket") and value:
             uds = value
+        elif key == "group" and value:
+            group = value
         elif key == "buf" and value:
             buf = parse_size(value if not value.isdigit() else value + "K")
         elif key == "proto" and value in WIRE_FORMATS:
@@ -88,7 +93,9 @@ def parse_vsock(text: str):
         raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: no CID")
     if pairs is not None and not WIRE_FORMATS[proto].multiqueue:
         raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: pairs= needs proto=rfc2013")
-    return VsockConfig(cid, uds, conn_buf_size=buf, proto=proto, pairs=pairs)
+    if group is not None and WIRE_FORMATS[proto].multiqueue:
+        raise argparse.ArgumentTypeError(f"invalid --vsock {text!r}: group= needs proto=virtio")
+    return VsockConfig(cid, uds, conn_buf_size=buf, proto=proto, pairs=pairs, group=group)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,14 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=positive_float, help="stop the guest after S seconds")
     run.add_argument("--serial", default="stdio", help="'stdio' or a file for the console output")
     run.add_argument("--vsock", type=parse_vsock,
-                     metavar="CID[,uds=PATH][,buf=SIZE][,proto=virtio|rfc2013][,pairs=N]",
+                     metavar="CID[,uds=PATH][,group=DIR][,buf=SIZE][,proto=virtio|rfc2013][,pairs=N]",
                      help="a virtio-vsock device with guest CID; host programs reach guest "
                      "port P by writing 'CONNECT P\\n' to the Unix socket PATH, and a guest "
                      "connect to CID 2 port P goes to PATH_P (Firecracker's protocol); buf: "
                      "each connection's window, 64K to 64M (default 256K); proto=rfc2013: the "
                      "2013 draft device (ID 13, only pyvmm's own guest driver speaks it) with "
                      "N rx/tx queue pairs, 1 to 16 (default: one per vCPU), and datagrams "
-                     "(PATH.dgram, PATH_P.dgram)")
+                     "(PATH.dgram, PATH_P.dgram); group=DIR: pyvmm processes given the same "
+                     "DIR carry packets between their guests' CIDs (VM-to-VM; a CID already "
+                     "in the group is refused)")
     run.add_argument("--vcpu-affinity", metavar="CPUS", help="host CPUs for the vCPU threads, "
                      "a list like 0, 1-3 or 0,2 (default: not pinned)")
     run.add_argument("--io-affinity", metavar="CPUS", help="host CPUs for the device threads "
@@ -222,8 +231,9 @@ def cmd_run(args) -> int:
                 if cpus is not None:
                     log.info("%s on CPU %s", what, affinity.format_cpu_list(cpus))
             if args.vsock is not None:
-                log.info("vsock: guest CID %d%s", args.vsock.guest_cid,
-                         f", host end {args.vsock.uds_path}" if args.vsock.uds_path else "")
+                log.info("vsock: guest CID %d%s%s", args.vsock.guest_cid,
+                         f", host end {args.vsock.uds_path}" if args.vsock.uds_path else "",
+                         f", group {args.vsock.group}" if args.vsock.group else "")
             with _cbreak(stdin if args.serial == "stdio" else None):
                 result = vm.run()
             if args.metrics:

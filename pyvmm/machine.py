@@ -133,6 +133,8 @@ class VsockConfig:
     proto: str = "virtio"
     #: rfc2013 only: queue pairs, 1 .. 16 (None: one per vCPU)
     pairs: int | None = None
+    #: the vsock group directory (VM-to-VM, pyvmm.vsock.group), or None
+    group: str | None = None
 
 
 @dataclass
@@ -309,6 +311,9 @@ class Machine:
                 kw["pairs"] = cfg.vsock.pairs if cfg.vsock.pairs is not None else min(cfg.cpus, 16)
             elif cfg.vsock.pairs is not None:
                 raise ConfigError("vsock pairs= needs proto=rfc2013")
+            if cfg.vsock.group is not None:
+                from .vsock import VsockGroup
+                kw["group"] = VsockGroup(cfg.vsock.group)
             self.vsock_device = VsockDevice(cfg.vsock.guest_cid, backends, wire=wire, **kw)
             devices.insert(0, self.vsock_device)
         self.virtio_slots = []

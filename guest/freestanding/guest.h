@@ -70,6 +70,7 @@ void scenario_console_bulk_send(const struct args *a) __attribute__((noreturn));
 void scenario_console_bulk_recv(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_echo_server(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_echo_client(const struct args *a) __attribute__((noreturn));
+void scenario_vsock_echo_many(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_bulk_send(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_bulk_recv(const struct args *a) __attribute__((noreturn));
 void scenario_vsock_connect_loop(const struct args *a) __attribute__((noreturn));

@@ -33,6 +33,7 @@ static const struct scenario {
 	{ "console-bulk-recv", scenario_console_bulk_recv },
 	{ "vsock-echo-server", scenario_vsock_echo_server },
 	{ "vsock-echo-client", scenario_vsock_echo_client },
+	{ "vsock-echo-many", scenario_vsock_echo_many },
 	{ "vsock-bulk-send", scenario_vsock_bulk_send },
 	{ "vsock-bulk-recv", scenario_vsock_bulk_recv },
 	{ "vsock-connect-loop", scenario_vsock_connect_loop },

@@ -4,6 +4,7 @@
  *
  *   vsock-echo-server port=P [conns=K]
  *   vsock-echo-client port=P size=S count=N [type=stream|seqpacket] [cid=C]
+ *   vsock-echo-many port=P [conns=K] [size=S] [type=stream|seqpacket] [cid=C]
  *   vsock-bulk-send port=P bytes=N [chunk=S] [listen=1] [cid=C]
  *                   [type=stream|seqpacket]
  *   vsock-bulk-recv port=P bytes=N [listen=1] [cid=C]
@@ -428,6 +429,147 @@ void scenario_vsock_echo_client(const struct args *a)
 	say("vsock echo ok %lu", (unsigned long)rx.bytes);
 	say("vsock echo %lu round trips of %lu bytes in %lu ticks", (unsigned long)count,
 	    (unsigned long)size, (unsigned long)ticks);
+	say_tsc_frequency();
+	vsock_say_stats();
+	guest_exit(0);
+}
+
+/* --- vsock-echo-many ---------------------------------------------------- */
+
+/* K connections open at once, each its own test stream (the common one,
+ * started STREAM_SKIP * i bytes in, so that bytes crossing connections
+ * show): per connection, send `size` bytes, check them coming back. */
+#define STREAM_SKIP 1021
+#define MANY_STAGE 4096
+static uint8_t many_stage[VSOCK_MAX_CONNS][MANY_STAGE];
+static struct stream_end many_tx[VSOCK_MAX_CONNS], many_rx[VSOCK_MAX_CONNS];
+static uint64_t many_bad[VSOCK_MAX_CONNS];     /* first bad byte + 1, or 0 */
+static enum verify_mode many_mode;
+
+static void many_check(struct vsock_conn *c, const uint8_t *data, uint32_t len,
+		       uint32_t flags)
+{
+	unsigned i = (unsigned)(c - vsock_conns);
+	size_t good = stream_end_check(&many_rx[i], data, len);
+
+	(void)flags;
+	if (good != len && !many_bad[i])
+		many_bad[i] = c->user[1] + good + 1;
+	c->user[1] += len;                      /* bytes checked */
+}
+
+static int many_init(struct vsock_conn *c)
+{
+	unsigned i = (unsigned)(c - vsock_conns);
+
+	stream_end_init(&many_tx[i], many_mode);
+	stream_end_init(&many_rx[i], many_mode);
+	for (unsigned k = 0; k < 2; k++) {      /* skip into the stream: both ends alike */
+		struct stream_end *e = k ? &many_rx[i] : &many_tx[i];
+
+		for (uint64_t left = (uint64_t)STREAM_SKIP * i; left;) {
+			uint32_t n = left < STAGE_SIZE ? (uint32_t)left : STAGE_SIZE;
+
+			stream_end_fill(e, stage, n);
+			left -= n;
+		}
+	}
+	many_bad[i] = 0;
+	c->user[0] = c->user[1] = c->user[2] = c->user[3] = 0;
+	c->on_data = many_check;
+	return 0;
+}
+
+void scenario_vsock_echo_many(const struct args *a)
+{
+	uint32_t port = need_port(a);
+	uint64_t conns = VSOCK_MAX_CONNS, size = 65536, cid, total = 0;
+	struct vsock_conn *cs[VSOCK_MAX_CONNS];
+	int failed = 0;
+
+	arg_u64(a, "conns", &conns, 1, VSOCK_MAX_CONNS);
+	arg_u64(a, "size", &size, 1, 1ull << 40);
+	many_mode = arg_verify(a);
+	common_args(a, &cid);
+	vsock_open(a, idle);
+
+	uint16_t type = parse_type(a);
+
+	for (unsigned k = 0; k < conns; k++) {
+		cs[k] = vsock_connect(cid, port, type, many_init);
+		if (!cs[k]) {
+			say("vsock echo many: FAILED: connection %u of %lu", k + 1,
+			    (unsigned long)conns);
+			guest_exit(1);
+		}
+	}
+	say("vsock echo many: %lu connections open", (unsigned long)conns);
+
+	uint64_t start = rdtsc(), last = start;
+	unsigned open = (unsigned)conns;
+
+	while (open) {
+		unsigned progress = vsock_poll();
+
+		for (unsigned k = 0; k < conns; k++) {
+			struct vsock_conn *c = cs[k];
+
+			if (!c)
+				continue;
+			unsigned i = (unsigned)(c - vsock_conns);
+
+			/* user[0]: bytes staged so far; the stage holds user[2]
+			 * bytes, user[3] of them queued */
+			if (c->state == VSOCK_ESTABLISHED &&
+			    (c->user[3] < c->user[2] || c->user[0] < size)) {
+				uint32_t queued;
+
+				if (c->user[3] == c->user[2]) {
+					uint64_t n = size - c->user[0] < MANY_STAGE ?
+						size - c->user[0] : MANY_STAGE;
+
+					stream_end_fill(&many_tx[i], many_stage[i], n);
+					c->user[0] += n;
+					c->user[2] = n;
+					c->user[3] = 0;
+				}
+				vsock_send(c, many_stage[i] + c->user[3],
+					   (uint32_t)(c->user[2] - c->user[3]),
+					   type == VIRTIO_VSOCK_TYPE_SEQPACKET ? VIRTIO_VSOCK_SEQ_EOM : 0,
+					   &queued);
+				c->user[3] += queued;
+				progress += queued != 0;
+			}
+			if (c->state == VSOCK_ESTABLISHED && c->user[1] >= size) {
+				vsock_close(c);
+				progress++;
+			}
+			if (c->state == VSOCK_CLOSED) {
+				if (c->user[1] != size || many_bad[i] ||
+				    (c->reset && strcmp(c->why, "reset by peer (RST)"))) {
+					say("vsock echo many: FAILED: connection %u: %lu of %lu bytes back, "
+					    "first bad byte %ld, end: %s", k + 1, (unsigned long)c->user[1],
+					    (unsigned long)size, (long)many_bad[i] - 1,
+					    c->reset ? c->why : "clean");
+					failed = 1;
+				}
+				total += c->user[1];
+				vsock_release(c);
+				cs[k] = NULL;
+				open--;
+				progress++;
+			}
+		}
+		vsock_flush();
+		idle_step(&last, progress, "vsock echo many");
+	}
+	if (failed) {
+		vsock_say_stats();
+		guest_exit(1);
+	}
+	say("vsock echo many ok %lu %lu", (unsigned long)conns, (unsigned long)total);
+	say("vsock echo many: %lu bytes each way in %lu ticks", (unsigned long)total,
+	    (unsigned long)(rdtsc() - start));
 	say_tsc_frequency();
 	vsock_say_stats();
 	guest_exit(0);

@@ -15,6 +15,8 @@ Layers, each importing only the ones above it (never :mod:`pyvmm.kvm`):
   protocol (``UnixBackend``: ``CONNECT <port>`` / ``OK <port>`` on
   ``uds_path``, ``<uds_path>_<port>``) and the Python API (``VsockApi``:
   ``connect`` / ``listen``).
+* :mod:`~pyvmm.vsock.group` -- VM-to-VM: pyvmm processes sharing a group
+  directory carry packets between their guests' CIDs (``VsockGroup``).
 * :mod:`~pyvmm.vsock.device` -- ``VsockDevice``: virtqueues, config, features,
   the event queue; given its backends.  Its docstring is the machine's contract.
 
@@ -24,6 +26,7 @@ The device runs on the machine's device I/O loop
 
 from .backend import VsockBackend, VsockHost
 from .device import VsockDevice
+from .group import VsockGroup
 from .wire import (VMADDR_CID_HOST, VirtioVsockOp, VirtioVsockSeqFlag, VirtioVsockShutdown,
                      VirtioVsockType, VsockHeader)
 from .unix import UnixBackend, VsockApi, VsockListener, default_backends
@@ -38,6 +41,7 @@ __all__ = [
     "VsockApi",
     "VsockBackend",
     "VsockDevice",
+    "VsockGroup",
     "VsockHeader",
     "VsockHost",
     "VsockListener",

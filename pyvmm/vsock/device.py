@@ -168,6 +168,7 @@ from ..virtio.eventloop import EventLoop, TimerHandle
 from ..virtio.queue import GuestErrorLog, Queue
 from .backend import VsockBackend
 from .connection import CONN_TX_BUF_SIZE, CONN_TX_BUF_SIZE_MIN, HostStream
+from .group import VsockGroup
 from .muxer import MAX_CONNECTIONS, RX_TURN_BUFFERS, TX_BUFFER_BUDGET, VsockMuxer, new_metrics
 from .packet import RxBuffer, VsockPacketError, parse_tx_chain
 from .wire import CONTROL, EVENT, RX, TX, VIRTIO, VirtioVsockEventId, VirtioVsockFeature, WireFormat
@@ -203,7 +204,8 @@ class VsockDevice(VirtioDevice):
     def __init__(self, guest_cid: int, backends: Sequence[VsockBackend] = (), *,
                  max_connections: int = MAX_CONNECTIONS,
                  conn_buf_size: int = CONN_TX_BUF_SIZE,
-                 wire: WireFormat = VIRTIO, pairs: int = 1) -> None:
+                 wire: WireFormat = VIRTIO, pairs: int = 1,
+                 group: VsockGroup | None = None) -> None:
         if not 3 <= guest_cid < 0xFFFF_FFFF:
             raise ConfigError(f"vsock guest CID {guest_cid} is reserved or out of range (3 .. 2**32-2)")
         if not CONN_TX_BUF_SIZE_MIN <= conn_buf_size <= TX_BUFFER_BUDGET:
@@ -212,8 +214,13 @@ class VsockDevice(VirtioDevice):
         if not 1 <= pairs <= (MAX_PAIRS if wire.multiqueue else 1):
             raise ConfigError(f"vsock queue pairs {pairs}: proto={wire.name} takes "
                               + ("1 .. 16" if wire.multiqueue else "no pairs= (one rx/tx pair)"))
+        if group is not None and wire.multiqueue:
+            raise ConfigError(f"vsock group: proto={wire.name} cannot join one (the standard "
+                              "device only)")
         self.wire = wire
         self.pairs = pairs
+        #: the vsock group this device is a member of (VM-to-VM), or None
+        self.group = group
         self.device_id = wire.device_id
         #: (role, lane) of each queue index, and the rx / tx queue index of each lane
         self.roles = wire.queue_roles(pairs)
@@ -273,6 +280,11 @@ class VsockDevice(VirtioDevice):
         host = _DeviceHost(self, loop, self.muxer)
         for backend in self.backends:
             backend.attach(host)
+        if self.group is not None:
+            self.muxer.group = self.group
+            self.group.on_rx_pending = self.muxer.group_rx_pending
+            self.group.on_tx_resume = lambda: self._again(self._tx_index[0])
+            self.group.attach(self.guest_cid, loop, self.metrics, self.errors, self.host_errors)
 
     def start(self) -> None:
         """The backends start serving (idempotent; any thread)."""
@@ -293,12 +305,16 @@ class VsockDevice(VirtioDevice):
             self._started = True
             for backend in self.backends:
                 backend.start()
+            if self.group is not None:
+                self.group.start()
 
     def _do_stop(self) -> None:
         self._started = False
         self.muxer.reset_all()
         for backend in self.backends:
             backend.stop()
+        if self.group is not None:
+            self.group.stop()
 
     # -- VirtioDevice ------------------------------------------------------------------
     def read_config(self, offset: int, size: int) -> bytes:
@@ -330,6 +346,8 @@ class VsockDevice(VirtioDevice):
     def counters(self) -> dict:
         out = dict(self.metrics)
         out["connections"] = len(self.muxer.connections)
+        if self.group is not None:
+            out["group"] = self.group.counters()
         out["guest_errors_by_reason"] = dict(self.errors.counts)
         out["host_errors_by_reason"] = dict(self.host_errors.counts)
         return out
@@ -346,6 +364,8 @@ class VsockDevice(VirtioDevice):
             self.errors.report("queue pair enabled after a missing one (ignored)", f"{lanes} pairs in use")
         self.lanes = lanes
         self.muxer.set_lanes(lanes)
+        if self.group is not None:
+            self.group.set_live(True)
         for index, queue in enumerate(queues):
             if queue is not None and self.roles[index][0] != RX:
                 self._process(index)
@@ -356,6 +376,8 @@ class VsockDevice(VirtioDevice):
         if self._queues is not None:
             self.metrics["device_resets"] += 1     # a live device: its connections end here
         self.muxer.reset_all()
+        if self.group is not None:
+            self.group.set_live(False)
         self.muxer.seqpacket = False
         self._forget_queues()
         self._events_owed = 0
@@ -373,6 +395,8 @@ class VsockDevice(VirtioDevice):
     def _do_transport_reset(self) -> None:
         self.metrics["transport_resets"] += 1
         self.muxer.reset_all()
+        if self.group is not None:
+            self.group.guest_reset()
         if self._queues is not None and not self.wire.multiqueue:
             self._events_owed = 1        # one event says it all; resets coalesce
             self._event_mark = None
@@ -432,6 +456,8 @@ class VsockDevice(VirtioDevice):
         budget = BATCH
         while True:
             tx.disable_notification()
+            if self.muxer.tx_blocked:    # a group member is slow: the group calls us back
+                return
             chains = tx.pop_batch(budget)
             if chains:
                 try:

@@ -38,7 +38,13 @@ tx processing never waits for rx.
 
 Guest packets whose addresses are wrong are dropped, not answered: a
 ``src_cid`` other than the guest's own CID, or a ``dst_cid`` other than the
-host (VMADDR_CID_HOST = 2), as Firecracker does.
+host (VMADDR_CID_HOST = 2), as Firecracker does -- unless the device is a member
+of a vsock group (:mod:`pyvmm.vsock.group`): then packets for other CIDs go to
+the group (:meth:`~pyvmm.vsock.group.VsockGroup.from_guest`), which carries them to
+the member with that CID or answers with an RST.  The group's packets for the
+guest take their turn in the rx line (:data:`GROUP_KEY`) like one connection,
+and while the group holds too much for a slow peer, :attr:`VsockMuxer.tx_blocked`
+tells the device to leave the guest's tx chains where they are.
 
 The wire format (:mod:`pyvmm.vsock.wire`) is given: which connection types
 exist, the handshake the connections run, and, in the 2013 draft, *lanes*
@@ -106,6 +112,8 @@ RX_TURN_BUFFERS = 32
 RXQ_SLACK = 32
 #: host datagrams waiting for an rx buffer, per lane (draft mode); more are dropped and counted
 DGRAM_MAX_QUEUED = 256
+#: the rx line's key for packets from other group members (no connection has it: ports >= 0)
+GROUP_KEY = (-1, -1)
 #: host-initiated connections get local ports from [2**30, 2**31) (Firecracker)
 HOST_PORT_FIRST = 1 << 30
 HOST_PORT_LAST = (1 << 31) - 1
@@ -121,6 +129,9 @@ METRIC_NAMES = (
     "unix_accepted", "unix_handshake_errors", "events_sent", "transport_resets",
     "device_resets", "rx_starved", "interrupts", "dgram_tx", "dgram_rx", "dgram_dropped",
     "wrong_lane", "controlq_buffers",
+    # VM-to-VM (pyvmm.vsock.group); tx_/rx_ packets and bytes above include these
+    "group_no_member", "group_messages_sent", "group_messages_received", "group_bad_packets",
+    "group_peers_left", "group_leave_rsts", "group_tx_throttled", "group_rx_paused",
 )
 
 
@@ -190,6 +201,8 @@ class VsockMuxer:
         self._host_ports: collections.Counter[int] = collections.Counter()
         #: host-initiated connections whose REQUEST is held (an ordered set), or None: no hold
         self._held: dict[tuple[int, int], None] | None = None
+        #: the vsock group this device is a member of (set by the device), or None
+        self.group = None
 
     def _make_lanes(self) -> None:
         lanes = range(self.lanes)
@@ -218,6 +231,25 @@ class VsockMuxer:
     def _lane_of(self, port_a: int, port_b: int) -> int:
         return self.wire.lane(port_a, port_b, self.lanes)
 
+    @property
+    def tx_blocked(self) -> bool:
+        """True while the group holds too much for a slow member: the device takes no tx."""
+        return self.group is not None and self.group.tx_blocked
+
+    def group_rx_pending(self) -> None:
+        """The group has packets for the guest: give it a turn in the rx line."""
+        in_rxq = self._in_rxq[0]
+        if GROUP_KEY not in in_rxq:
+            in_rxq.add(GROUP_KEY)
+            self._rxq[0].append(GROUP_KEY)
+            if not self._filling:
+                self.on_rx_pending(0)
+
+    def _to_group(self, hdr: VsockHeader) -> bool:
+        """Whether a guest packet is the group's: our guest's, for another CID."""
+        return (self.group is not None and hdr.dst_cid != VMADDR_CID_HOST
+                and hdr.src_cid == self.guest_cid)
+
     # -- guest -> host ------------------------------------------------------------
     def on_guest_packets(self, pkts: list[TxPacket], lane: int = 0) -> None:
         """Route a tx batch's well-formed packets (from lane ``lane``'s tx queue), in order.
@@ -235,6 +267,12 @@ class VsockMuxer:
         while i < n:
             hdr = pkts[i].hdr
             j = i + 1
+            if self._to_group(hdr):           # a run of packets for other guests: one message
+                while j < n and self._to_group(pkts[j].hdr):
+                    j += 1
+                self.group.from_guest(pkts[i:j])
+                i = j
+                continue
             if hdr.op == OP_RW and hdr.type == STREAM:
                 addr = (hdr.src_cid, hdr.src_port, hdr.dst_cid, hdr.dst_port)
                 while j < n:
@@ -272,6 +310,9 @@ class VsockMuxer:
     def on_guest_packet(self, pkt: TxPacket) -> None:
         """Route one well-formed guest packet (from its lane's tx virtqueue)."""
         hdr = pkt.hdr
+        if self._to_group(hdr):
+            self.group.from_guest([pkt])
+            return
         self.metrics["tx_packets"] += 1
         if hdr.src_cid != self.guest_cid:
             self._guest_error("guest packet with a src_cid other than its own (dropped)", hdr)
@@ -310,6 +351,9 @@ class VsockMuxer:
     def on_bad_guest_packet(self, hdr: VsockHeader) -> None:
         """A tx chain whose header was readable but whose length was wrong: the
         bytes of that connection are lost, so reset it (or answer with an RST)."""
+        if self._to_group(hdr):
+            self.group.bad_guest_packet(hdr)
+            return
         if hdr.src_cid != self.guest_cid or hdr.dst_cid != VMADDR_CID_HOST:
             return
         conn = self.connections.get((hdr.dst_port, hdr.src_port))
@@ -624,6 +668,14 @@ class VsockMuxer:
                 if key not in in_rxq:
                     continue                        # removed meanwhile
                 in_rxq.discard(key)
+                if key == GROUP_KEY:
+                    hdrs = self.group.fill_rx_burst(bufs)
+                    if self.group.has_pending():
+                        in_rxq.add(key)
+                        rxq.append(key)             # back in line
+                    if hdrs:
+                        return hdrs
+                    continue
                 conn = self.connections[key]
                 hdrs = conn.fill_rx_burst(bufs, now)
                 self._sync(conn)                    # back in line if it owes more
