@@ -59,12 +59,12 @@ class WorkloadFailed(Exception):
 
 def pyvmm_argv(elf: Path, scenario: str, uds: Path, *, metrics: Path | None = None,
                timeout: float = 300.0, placement: "Placement | None" = None,
-               vsock: str = "") -> list[str]:
-    """``pyvmm run`` with the freestanding guest and a vsock device (CID 3) on
+               vsock: str = "", cid: int = GUEST_CID) -> list[str]:
+    """``pyvmm run`` with the freestanding guest and a vsock device (CID ``cid``, 3) on
     ``uds``, its threads placed with ``--vcpu-affinity`` / ``--io-affinity``;
-    ``vsock`` adds options to ``--vsock`` (e.g. ``proto=rfc2013,pairs=4``)."""
+    ``vsock`` adds options to ``--vsock`` (e.g. ``proto=rfc2013,pairs=4``, ``group=DIR``)."""
     argv = [sys.executable, "-m", "pyvmm", "-q", "run", "--kernel", str(elf),
-            "--cmdline", scenario, "--vsock", f"{GUEST_CID},uds={uds}" + (f",{vsock}" if vsock else ""),
+            "--cmdline", scenario, "--vsock", f"{cid},uds={uds}" + (f",{vsock}" if vsock else ""),
             "--timeout", f"{timeout:g}"]
     if placement is not None:
         argv += placement.pyvmm_args()

@@ -138,6 +138,10 @@ def _rows() -> list[tuple]:
         Row("draft, 4 queue pairs", "modes.echo4.rfc2013-4pairs", None, "modes.echo4.virtio"),
         Row("standard (one rx/tx pair)", "modes.echo4.virtio"),
     ], "standard"))
+    sections.append(("VM-to-VM through a vsock group (two pyvmm processes), beside host<->guest", [
+        Row("guest->guest 64 KiB (Gb/s)", "v2v.bulk.64k", None, "pyvmm.g2h.64k"),
+        Row("guest->guest RTT 64 B, mean (us)", "v2v.rtt.64b.mean", None, "pyvmm.rtt.64.p50"),
+    ], "host"))
     sections.append(("ceiling only", [Row("memcpy (GB/s)", "ceiling.memcpy")]))
     return sections
 

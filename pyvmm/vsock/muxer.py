@@ -23,7 +23,9 @@ connection's business (compare Firecracker ``unix/muxer.rs``):
 * the rx side: which connection fills the next guest rx buffers
   (connections that owe a packet take turns; a turn is one packet, or a run
   of at most :data:`RX_TURN_BUFFERS` STREAM data buffers read with one host
-  read), and the I/O plumbing of each connection's host socket
+  read; a host-initiated connection's REQUEST goes to the front of the line,
+  so that a busy guest's data cannot hold it back past its
+  CONN_REQUEST_TIMEOUT), and the I/O plumbing of each connection's host socket
   (reader/writer interest, its expiry timer) on the event loop: read
   interest is a flag, and the reader is unregistered only when the socket
   is readable while unwanted (see :meth:`VsockMuxer._sync`), so a burst
@@ -585,7 +587,10 @@ class VsockMuxer:
             in_rxq = self._in_rxq[conn.lane]
             if key not in in_rxq:
                 in_rxq.add(key)
-                self._rxq[conn.lane].append(key)
+                if conn.state is ConnState.LOCAL_INIT and conn.hs_step == 0:
+                    self._rxq[conn.lane].appendleft(key)    # a host connect's REQUEST: first
+                else:
+                    self._rxq[conn.lane].append(key)
                 if not self._filling:
                     self.on_rx_pending(conn.lane)
 

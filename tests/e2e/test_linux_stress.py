@@ -35,7 +35,13 @@ def test_64_connections_each_way_at_once_nothing_lost(linux, record_property):
     with UnixServer(f"{linux.uds}_{HOST_PORT}", echo_stream) as host_echo:
         client = linux.start(f"vsock-echo-client --cid 2 --port {HOST_PORT} --size {GUEST_SIZE} "
                              f"--count {GUEST_MESSAGES} --conns {CONNS} --timeout 300")
-        result = stress.echo_streams(linux.uds, CONNS, HOST_BYTES, port=GUEST_PORT)
+        try:
+            result = stress.echo_streams(linux.uds, CONNS, HOST_BYTES, port=GUEST_PORT)
+        except ConnectionRefusedError as e:         # what the device saw of it, in the failure
+            c = linux.vm.vsock_device.counters()
+            pytest.fail(f"{e}; the device: " + ", ".join(
+                f"{k} {c[k]}" for k in ("connections", "host_connects", "conns_timed_out",
+                                        "conns_refused", "rst_received", "rx_starved")))
         assert client.wait(600) == 0, client.explain()
         assert server.wait(120) == 0, server.explain()
     assert result["errors"] == [] and result["bytes_lost"] == 0, result["errors"]

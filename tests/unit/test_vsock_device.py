@@ -597,3 +597,30 @@ def test_the_hold_after_transport_reset_ends_after_its_bound(guest, uds):
         guest.advance(TRANSPORT_RESET_HOLD / 2 + 0.01)
         assert ops(guest.recv()) == [Op.VIRTIO_VSOCK_OP_REQUEST]
         assert guest.events() == [0]                    # the event was there all along
+
+
+def test_a_host_connects_request_goes_before_other_connections_data(uds):
+    """Busy connections owe the guest data (more than its rx buffers hold); a new host
+    CONNECT's REQUEST goes out in the next buffer all the same: behind the data it could
+    wait past CONN_REQUEST_TIMEOUT on a slow guest (seen in the lab: 64 connections each
+    way, one host connect answered with EOF)."""
+    g = Guest(uds, rx_buffers=4)
+    try:
+        socks = [host_connect(g, uds, 60 + i)[0] for i in range(4)]
+        for s in socks:
+            s.sendall(b"d" * 200_000)
+        g.pump()
+        assert {h.op for h, _ in g.recv(refill=False)} == {Op.VIRTIO_VSOCK_OP_RW}
+        late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        late.connect(uds)
+        late.sendall(b"CONNECT 99\n")
+        g.pump()
+        g.add_rx()
+        g.rxq.kick(force=True)
+        g.pump()
+        assert [(h.op, h.dst_port) for h, _ in g.recv(refill=False)] == [
+            (Op.VIRTIO_VSOCK_OP_REQUEST, 99)]
+        for s in socks + [late]:
+            s.close()
+    finally:
+        g.close()
