@@ -27,6 +27,9 @@ machine contract)::
         # backends: asked in this order for guest connects to CID 2
         # conn_buf_size: the buf_alloc each connection advertises (64 KiB .. 64 MiB), within
         #   the muxer's global TX_BUFFER_BUDGET
+        # group=VsockGroup(dir): VM-to-VM, packets for other CIDs go to the group's members
+        #   (pyvmm.vsock.group; the standard wire only); it joins in attach_loop (ConfigError
+        #   if the CID is taken), is live from DRIVER_OK to a reset, and leaves in stop()
     dev.attach_loop(loop)           # the machine's I/O loop; the backends attach
                                     #   here (unix binds uds_path and
                                     #   uds_path.seqpacket: ConfigError if busy)

@@ -1,0 +1,140 @@
+"""Running the kernel's ``vsock_test`` between two guests, and reading what it says.
+
+``tools/testing/vsock/vsock_test`` (Linux; built from Debian's linux-source-6.1 and
+linux-source-6.12 by guest/vsock_test/build.sh) runs as a server on one side and a client on
+the other, its test cases in lock step over a TCP control connection.  Each side prints, per
+test, ``<id> - <name>...`` and then ``ok`` or ``skipped``; a test that fails ends the whole
+process with a message (``perror``/``fprintf``), so the tests after it do not run.  This
+module parses that output (:func:`parse`) and drives a whole run (:func:`run_all`): after a
+failure both sides are started again with ``--skip`` for every test already decided, so
+every test gets its own verdict; a failed test is never run twice.
+
+The control connection is TCP and the guests have no network: in each guest
+``vsock-tcp-relay`` (guest/progs) carries it over vsock on :data:`RELAY_PORT`, a port no
+vsock_test case uses (guest/vsock_test/README.md lists theirs).  Used by
+tests/e2e/test_vsock_conformance.py; the parser is tested without guests in
+tests/unit/test_vsock_test_run.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+#: the relay's vsock port, and the control port vsock_test listens on inside the server guest
+RELAY_PORT = 9999
+CONTROL_PORT = 5555
+#: one vsock_test process: the longest it may run (in the lab, under TCG)
+RUN_TIMEOUT = 900
+
+_RESULT = re.compile(r"^(\d+) - (.*?)\.\.\.(ok|skipped)$")
+_STARTED = re.compile(r"^(\d+) - (.*?)\.\.\.(.*)$")
+
+
+@dataclass
+class Verdict:
+    id: int
+    name: str
+    outcome: str                    # "pass", "fail", "skip"
+    detail: str = ""
+
+
+@dataclass
+class Parsed:
+    verdicts: dict[int, Verdict] = field(default_factory=dict)
+    #: the test that was running when the process ended without finishing it, if any
+    died_in: Verdict | None = None
+
+
+def parse(output: str) -> Parsed:
+    """Verdicts from one vsock_test process's output (stdout and stderr merged)."""
+    out = Parsed()
+    lines = output.splitlines()
+    for i, line in enumerate(lines):
+        m = _RESULT.match(line)
+        if m:
+            n, name, word = int(m.group(1)), m.group(2), m.group(3)
+            out.verdicts[n] = Verdict(n, name, "pass" if word == "ok" else "skip")
+            continue
+        m = _STARTED.match(line)
+        if m:                       # started, never said ok: the process ended inside it
+            n, name = int(m.group(1)), m.group(2)
+            rest = [m.group(3)] + lines[i + 1:]
+            out.died_in = Verdict(n, name, "fail", " / ".join(x.strip() for x in rest if x.strip()))
+    return out
+
+
+def list_tests(output: str) -> dict[int, str]:
+    """``vsock_test --list`` output -> {id: name}."""
+    tests = {}
+    for line in output.splitlines():                 # "ID\tTest name", then "<id>\t<name>"
+        m = re.match(r"^(\d+)\t(.+?)\s*$", line)
+        if m:
+            tests[int(m.group(1))] = m.group(2)
+    return tests
+
+
+def relay_commands(server_cid: int) -> tuple[str, str]:
+    """The relay in the server guest (vsock -> its control port) and in the client guest."""
+    return (f"vsock-tcp-relay --from-vsock {RELAY_PORT} --to-tcp 127.0.0.1:{CONTROL_PORT}",
+            f"vsock-tcp-relay --from-tcp 127.0.0.1:{CONTROL_PORT} --to-vsock {server_cid}:{RELAY_PORT}")
+
+
+def vsock_test_commands(binary: str, server_cid: int, client_cid: int,
+                        skip: list[int]) -> tuple[str, str]:
+    """The server's and the client's vsock_test command lines (skipping ``skip``)."""
+    skips = "".join(f" --skip={n}" for n in skip)
+    return (f"timeout {RUN_TIMEOUT} {binary} --mode=server --control-port={CONTROL_PORT} "
+            f"--peer-cid={client_cid}{skips}",
+            f"timeout {RUN_TIMEOUT} {binary} --mode=client --control-host=127.0.0.1 "
+            f"--control-port={CONTROL_PORT} --peer-cid={server_cid}{skips}")
+
+
+def wait_listening_command(port: int = CONTROL_PORT, seconds: int = 120) -> str:
+    """A guest command that ends once something listens on TCP ``port`` (or fails after
+    ``seconds``): vsock_test's stdout is a pipe, so its own "listening" line comes late."""
+    return (f"timeout {seconds} sh -c 'until netstat -ltn | grep -q \":{port} \"; "
+            f"do sleep 0.1; done'")
+
+
+def run_all(server, client, binary: str, server_cid: int, client_cid: int,
+            tests: dict[int, str]) -> dict[int, Verdict]:
+    """Every test of ``tests`` with a verdict: run vsock_test on ``server`` and ``client``
+    (:class:`harness.ShellGuest`), again after each failure with the decided tests skipped.
+    The relays must be running already (:func:`relay_commands`)."""
+    verdicts: dict[int, Verdict] = {}
+    while len(verdicts) < len(tests):
+        skip = sorted(verdicts)
+        srv_cmd, cli_cmd = vsock_test_commands(binary, server_cid, client_cid, skip)
+        srv = server.start(srv_cmd)
+        ready = server.run(wait_listening_command())
+        if ready.status != 0:
+            raise AssertionError(f"vsock_test server did not listen:\n{srv.output}")
+        cli = client.start(cli_cmd)
+        cli.wait(RUN_TIMEOUT + 60)
+        try:
+            srv.wait(120)
+        except AssertionError:          # blocked in a test whose client is gone: end it
+            server.run("pkill -f vsock_test-")
+            srv.wait(60)
+        c, s = parse(cli.output), parse(srv.output)
+        progressed = False
+        for n, v in c.verdicts.items():
+            if n in skip:
+                continue
+            sv = s.verdicts.get(n)
+            if v.outcome == "pass" and sv is not None and sv.outcome == "fail":
+                v = sv
+            verdicts[n] = v
+            progressed = True
+        died = c.died_in or s.died_in
+        if died is not None and died.id not in verdicts:
+            detail = "; ".join(f"{side}: {p.died_in.detail}" for side, p in (("client", c), ("server", s))
+                               if p.died_in is not None and p.died_in.id == died.id)
+            verdicts[died.id] = Verdict(died.id, tests.get(died.id, died.name), "fail", detail)
+            progressed = True
+        if not progressed:
+            raise AssertionError(f"vsock_test made no progress (skipping {skip}):\n--- client "
+                                 f"(status {cli.status}) ---\n{cli.output}\n--- server "
+                                 f"(status {srv.status}) ---\n{srv.output}")
+    return verdicts
