@@ -42,8 +42,8 @@ LAB_CPUS = 2          # the e2e tests boot a 2-vCPU guest; multi-threaded TCG gi
 #:   SHUTDOWN exit) shows the event being delivered at the shutdown (EXITINTINFO) was a #PF
 #:   whose error code has RSVD set and P clear (:func:`lab_trace_signature`).  Hardware and
 #:   KVM's own walker set P with RSVD (a reserved bit can only be found in a present entry);
-#:   QEMU 7.2's TCG walker alone reports RSVD without P (target/i386/tcg/sysemu/excp_helper.c
-#:   since its 7.2 rework: ``do_fault_rsvd: error_code = PG_ERROR_RSVD_MASK``).
+#:   QEMU's TCG walker alone reports RSVD without P (target/i386/tcg/sysemu/excp_helper.c
+#:   since its August 2022 rework: ``do_fault_rsvd: error_code = PG_ERROR_RSVD_MASK``).
 #:
 #: Caught 2026-11-30 (tests/lab/README.md, "The 2-vCPU triple fault"): an instruction fetch
 #: at ``kvm_hypercall4+0x15``, right after the VMMCALL at +0x12 on the same page that L1 KVM
