@@ -70,13 +70,23 @@ class Sink:
         self.done.set()
 
 
+#: packets a guest may still send for a connection after our timeout closed it: its SHUTDOWN,
+#: its RST, a credit update and the data it had queued (one 64 KiB RW at most, by credit)
+LATE_PER_TIMEOUT = 4
+#: ... and without a timeout: packets in flight when pyvmm reset a connection
+LATE_ANY = 4
+
+
 @pytest.fixture(autouse=True)
 def no_protocol_violations(linux):
     """The device sees no protocol violation from this well-behaved guest during the test.
 
     A packet for a connection pyvmm already closed is not one: on a slow host (the lab under
     load) our 2 s close timeout can fire before the guest's own SHUTDOWN/RST, and its late
-    packet is then answered with an RST, as the spec says (seen in a CI run under load)."""
+    packets are then answered with an RST, as the spec says (seen in a CI run under load, and
+    17 of them in one test on a host loaded three times over).  A packet in flight when pyvmm
+    resets a connection is another (a few, :data:`LATE_ANY`); beyond those, late packets are
+    allowed only after timeouts during the test, :data:`LATE_PER_TIMEOUT` per timeout."""
     device = linux.vm.vsock_device
     before = device.counters()
     yield
@@ -85,7 +95,9 @@ def no_protocol_violations(linux):
               for k, n in after["guest_errors_by_reason"].items()}
     late = errors.pop("guest packet for an unknown connection", 0)
     assert after["credit_violations"] == before["credit_violations"], after
-    assert not {k: n for k, n in errors.items() if n} and late <= 4, after
+    timeouts = after["conns_timed_out"] - before["conns_timed_out"]
+    assert not {k: n for k, n in errors.items() if n}, after
+    assert late <= LATE_ANY + LATE_PER_TIMEOUT * timeouts, (late, timeouts, after)
 
 
 # --- host-initiated ---------------------------------------------------------------------
