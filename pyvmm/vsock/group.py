@@ -119,6 +119,9 @@ _IOV_MAX = 512
 HELLO = struct.Struct("<8sIQ")
 HELLO_MAGIC = b"pyvmm-vg"
 HELLO_VERSION = 1
+#: what a Unix datagram/seqpacket send buffer must hold beyond the message (af_unix.c:
+#: ``len > sk->sk_sndbuf - 32`` is EMSGSIZE)
+_SNDBUF_OVERHEAD = 32
 #: the longest path a Unix socket address takes (sun_path, with its NUL)
 _SUN_PATH_MAX = 107
 _SEQ_FLAGS = EOM | EOR
@@ -127,11 +130,13 @@ _SEQ_FLAGS = EOM | EOR
 class _Peer:
     """Our crossing to one member: the socket we send on, and what it did not take yet."""
 
-    __slots__ = ("cid", "sock", "iov", "iov_bytes", "pending", "pending_bytes", "writing")
+    __slots__ = ("cid", "sock", "msg_max", "iov", "iov_bytes", "pending", "pending_bytes",
+                 "writing")
 
-    def __init__(self, cid: int, sock: socket.socket) -> None:
+    def __init__(self, cid: int, sock: socket.socket, msg_max: int) -> None:
         self.cid = cid
         self.sock = sock
+        self.msg_max = msg_max               # GROUP_MSG_MAX, or less if the socket takes less
         self.iov: list = []                  # the message being built (views of guest RAM)
         self.iov_bytes = 0
         self.pending: collections.deque[bytes] = collections.deque()   # copies, in order
@@ -302,7 +307,7 @@ class VsockGroup:
         if payload is None and hdr.len:
             hdr = hdr._replace(len=0)           # only RW carries bytes across
         size = VIRTIO_VSOCK_HDR_LEN + hdr.len
-        if peer.iov_bytes + size > GROUP_MSG_MAX or len(peer.iov) + 1 + len(payload or ()) > _IOV_MAX:
+        if peer.iov_bytes + size > peer.msg_max or len(peer.iov) + 1 + len(payload or ()) > _IOV_MAX:
             self._flush(peer)
         peer.iov.append(HDR.pack(*hdr))
         if payload:
@@ -370,6 +375,14 @@ class VsockGroup:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
         try:
+            # a message must fit the send buffer (Linux: EMSGSIZE beyond sk_sndbuf - 32); ask
+            # for room for a few, and use what net.core.wmem_max grants
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * GROUP_MSG_MAX)
+            msg_max = min(GROUP_MSG_MAX, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                          - _SNDBUF_OVERHEAD)
+            if msg_max < VIRTIO_VSOCK_HDR_LEN + VIRTIO_VSOCK_MAX_PKT_BUF_SIZE:
+                raise OSError(errno.EMSGSIZE, f"a Unix socket send buffer of {msg_max} bytes "
+                              "cannot carry a 64 KiB packet (raise net.core.wmem_max)")
             sock.connect(str(self.directory / f"{cid}.sock"))
             sock.send(HELLO.pack(HELLO_MAGIC, HELLO_VERSION, self.guest_cid))
         except (FileNotFoundError, ConnectionRefusedError):
@@ -380,7 +393,7 @@ class VsockGroup:
             self.host_errors.report("cannot reach a group member", f"CID {cid}: {e.strerror}")
             self.metrics["host_errors"] += 1
             return None
-        peer = self._peers[cid] = _Peer(cid, sock)
+        peer = self._peers[cid] = _Peer(cid, sock, msg_max)
         # the member never sends on this one: readable means it has gone
         self.loop.add_reader(sock.fileno(), lambda: self._on_peer_readable(peer))
         return peer
