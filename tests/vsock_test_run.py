@@ -27,7 +27,6 @@ CONTROL_PORT = 5555
 #: one vsock_test process: the longest it may run (in the lab, under TCG)
 RUN_TIMEOUT = 900
 
-_RESULT = re.compile(r"^(\d+) - (.*?)\.\.\.(ok|skipped)$")
 _STARTED = re.compile(r"^(\d+) - (.*?)\.\.\.(.*)$")
 
 
@@ -47,20 +46,27 @@ class Parsed:
 
 
 def parse(output: str) -> Parsed:
-    """Verdicts from one vsock_test process's output (stdout and stderr merged)."""
+    """Verdicts from one vsock_test process's output (stdout and stderr merged).
+
+    A test's output runs from its ``<id> - <name>...`` to the next test's: ``ok`` or
+    ``skipped`` as its last line is the verdict, anything it printed before that a note
+    (6.12's SIOCOUTQ tests say "Test skipped, SIOCOUTQ not supported." and then ``ok``).
+    The last test without such an ending is the one the process died in."""
     out = Parsed()
     lines = output.splitlines()
-    for i, line in enumerate(lines):
-        m = _RESULT.match(line)
-        if m:
-            n, name, word = int(m.group(1)), m.group(2), m.group(3)
-            out.verdicts[n] = Verdict(n, name, "pass" if word == "ok" else "skip")
-            continue
-        m = _STARTED.match(line)
-        if m:                       # started, never said ok: the process ended inside it
-            n, name = int(m.group(1)), m.group(2)
-            rest = [m.group(3)] + lines[i + 1:]
-            out.died_in = Verdict(n, name, "fail", " / ".join(x.strip() for x in rest if x.strip()))
+    starts = [(i, m) for i, line in enumerate(lines) if (m := _STARTED.match(line))]
+    for k, (i, m) in enumerate(starts):
+        end = starts[k + 1][0] if k + 1 < len(starts) else len(lines)
+        segment = [x.strip() for x in [m.group(3)] + lines[i + 1:end] if x.strip()]
+        n, name = int(m.group(1)), m.group(2)
+        last = segment[-1] if segment else ""
+        if last in ("ok", "skipped"):
+            out.verdicts[n] = Verdict(n, name, "pass" if last == "ok" else "skip",
+                                      " / ".join(segment[:-1]))
+        elif k + 1 == len(starts):
+            out.died_in = Verdict(n, name, "fail", " / ".join(segment))
+        else:                       # went on to the next test without a word: cannot happen
+            out.verdicts[n] = Verdict(n, name, "fail", " / ".join(segment) or "no verdict")
     return out
 
 
@@ -119,20 +125,30 @@ def run_all(server, client, binary: str, server_cid: int, client_cid: int,
             srv.wait(60)
         c, s = parse(cli.output), parse(srv.output)
         progressed = False
-        for n, v in c.verdicts.items():
-            if n in skip:
+        # judge each test by both sides, in order: the first that is not ok on both failed
+        # (the server may fail test N after the client said N ok and died in N + 1), and the
+        # tests after it wait for the next round
+        for n in sorted(set(tests) - set(skip)):
+            cv, sv = c.verdicts.get(n), s.verdicts.get(n)
+            if cv is not None and sv is not None and cv.outcome == sv.outcome != "fail":
+                verdicts[n] = Verdict(n, tests[n], cv.outcome,
+                                      " / ".join(x for x in (cv.detail, sv.detail) if x))
+                progressed = True
                 continue
-            sv = s.verdicts.get(n)
-            if v.outcome == "pass" and sv is not None and sv.outcome == "fail":
-                v = sv
-            verdicts[n] = v
+            if cv is None and sv is None and (c.died_in is None or c.died_in.id != n) \
+                    and (s.died_in is None or s.died_in.id != n):
+                break                       # neither side got here
+            why = []
+            for side, v, parsed in (("client", cv, c), ("server", sv, s)):
+                if v is not None:
+                    why.append(f"{side}: {v.outcome}" + (f" ({v.detail})" if v.detail else ""))
+                elif parsed.died_in is not None and parsed.died_in.id == n:
+                    why.append(f"{side}: {parsed.died_in.detail or 'ended'}")
+                else:
+                    why.append(f"{side}: ended before it")
+            verdicts[n] = Verdict(n, tests[n], "fail", "; ".join(why))
             progressed = True
-        died = c.died_in or s.died_in
-        if died is not None and died.id not in verdicts:
-            detail = "; ".join(f"{side}: {p.died_in.detail}" for side, p in (("client", c), ("server", s))
-                               if p.died_in is not None and p.died_in.id == died.id)
-            verdicts[died.id] = Verdict(died.id, tests.get(died.id, died.name), "fail", detail)
-            progressed = True
+            break
         if not progressed:
             raise AssertionError(f"vsock_test made no progress (skipping {skip}):\n--- client "
                                  f"(status {cli.status}) ---\n{cli.output}\n--- server "

@@ -31,3 +31,47 @@ def test_commands_skip_what_is_decided():
     srv, cli = vt.vsock_test_commands("vsock_test-6.12", 3, 4, [0, 2])
     assert srv.endswith("--mode=server --control-port=5555 --peer-cid=4 --skip=0 --skip=2")
     assert "--mode=client --control-host=127.0.0.1 --control-port=5555 --peer-cid=3" in cli
+
+
+def test_a_note_before_ok_is_a_pass_with_the_note():
+    out = ("24 - SOCK_STREAM ioctl(SIOCOUTQ) 0 unsent bytes...Test skipped, SIOCOUTQ not supported.\n"
+           "ok\n25 - next...ok\n")
+    p = vt.parse(out)
+    assert p.died_in is None
+    assert (p.verdicts[24].outcome, p.verdicts[24].detail) == ("pass", "Test skipped, SIOCOUTQ not supported.")
+
+
+class _Cmd:
+    def __init__(self, output, status=0):
+        self.output, self.status = output, status
+
+    def wait(self, timeout):
+        return self.status
+
+
+class _Guest:
+    """Plays one side: each vsock_test start returns the next scripted output."""
+
+    def __init__(self, outputs):
+        self.outputs, self.commands = list(outputs), []
+
+    def start(self, command):
+        self.commands.append(command)
+        return _Cmd(self.outputs.pop(0) if "vsock_test" in command else "")
+
+    def run(self, command):
+        self.commands.append(command)
+        return _Cmd("")
+
+
+def test_a_server_side_failure_is_blamed_on_its_own_test_and_the_rest_runs_again():
+    """The server fails test 1 after the client said 1 ok and died in 2: test 1 failed, and
+    the next round skips 0 and 1 and decides 2."""
+    tests = {0: "a", 1: "b", 2: "c"}
+    server = _Guest(["0 - a...ok\n1 - b...send: Broken pipe\n", "2 - c...ok\n"])
+    client = _Guest(["0 - a...ok\n1 - b...ok\n2 - c...unexpected EOF on control socket\n",
+                     "2 - c...ok\n"])
+    verdicts = vt.run_all(server, client, "vsock_test-6.12", 3, 4, tests)
+    assert {n: v.outcome for n, v in verdicts.items()} == {0: "pass", 1: "fail", 2: "pass"}
+    assert "server: send: Broken pipe" in verdicts[1].detail
+    assert client.commands[-1].endswith("--skip=0 --skip=1")
