@@ -20,7 +20,8 @@
  * --to address and copies bytes both ways until both directions have ended. An EOF in one
  * direction (the peer's shutdown(SHUT_WR) or close) is passed on as shutdown(SHUT_WR) on the
  * other socket once the bytes before it are delivered, so a half-close crosses the relay. A read
- * or write error on either socket (a reset) ends that pair: both sockets are closed. At most
+ * or write error on either socket (a reset) ends that pair: both sockets are closed, with a
+ * reset where the other one is TCP (SO_LINGER 0), and the reason goes to stderr. At most
  * MAX_PAIRS pairs at once; while that many are open the listening socket is not served (further
  * connections wait in its backlog), so memory is bounded: one BUF_SIZE buffer per direction.
  * One thread, non-blocking sockets, one ppoll(2) loop; the connect to the --to address is
@@ -182,10 +183,19 @@ fail:;
 	return -1;
 }
 
+/* Close both sockets of p. After a failure (what != NULL: say what, err = errno) they are closed
+ * with SO_LINGER 0, so a TCP peer sees a reset rather than a clean EOF, as it would have without
+ * the relay (vsock_test's client then reports its server's death the same way). */
 static void end_pair(struct pair *p, const char *what, int err)
 {
-	if (what)
+	if (what) {
+		struct linger abort_close = { .l_onoff = 1, .l_linger = 0 };
+
 		fprintf(stderr, "vsock-tcp-relay: pair %lu: %s: %s\n", p->id, what, strerror(err));
+		for (int i = 0; i < 2; i++)
+			if (p->fd[i] >= 0)
+				setsockopt(p->fd[i], SOL_SOCKET, SO_LINGER, &abort_close, sizeof(abort_close));
+	}
 	close(p->fd[0]);
 	close(p->fd[1]);
 	p->used = 0;
