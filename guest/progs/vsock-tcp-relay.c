@@ -185,7 +185,8 @@ fail:;
 
 /* Close both sockets of p. After a failure (what != NULL: say what, err = errno) they are closed
  * with SO_LINGER 0, so a TCP peer sees a reset rather than a clean EOF, as it would have without
- * the relay (vsock_test's client then reports its server's death the same way). */
+ * the relay. (An AF_VSOCK peer sees its usual close: a program cannot make vsock send a RST, so
+ * across the vsock hop between two relays a reset arrives as an EOF.) */
 static void end_pair(struct pair *p, const char *what, int err)
 {
 	if (what) {
