@@ -20,13 +20,13 @@ export PYVMM_CACHE ?= $(HOME)/.cache/pyvmm
 # fails if one comes from neither this list nor the base system (Essential or Priority:
 # required), or if a name here could be dropped: a tool installed by hand on a development
 # machine cannot hide a missing install step.
-APT_PACKAGES := python3-venv build-essential linux-source-6.1 bc bison flex libelf-dev \
-	libssl-dev busybox-static qemu-system-x86 socat kmod zstd shfmt
+APT_PACKAGES := python3-venv build-essential linux-source-6.1 linux-source-6.12 bc bison flex \
+	libelf-dev libssl-dev busybox-static qemu-system-x86 socat kmod zstd shfmt
 
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k serial -x"
 PYTEST_ARGS ?=
 
-.PHONY: all demo test unit bench bench-quick fuzz soak deps print-apt-packages venv kernel guest freestanding initramfs clean distclean
+.PHONY: all demo test unit bench bench-quick fuzz soak deps print-apt-packages venv kernel guest freestanding initramfs vsock-test clean distclean
 
 all: kernel guest venv
 
@@ -57,11 +57,16 @@ freestanding: deps
 
 guest: initramfs freestanding
 
+# The kernel's own tools/testing/vsock/vsock_test from linux-source-6.1 and -6.12, static, plus a
+# cpio of them to append to the initramfs (guest/vsock_test/README.md). Not needed by `demo`.
+vsock-test: deps
+	guest/vsock_test/build.sh
+
 # V=1 shows the guest console live instead of saving it to a file
 demo: venv kernel guest
 	$(PY) scripts/demo $(if $(V),--verbose)
 
-test: venv kernel guest
+test: venv kernel guest vsock-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (never pass/fail): a table on stdout, JSON in bench/results/ (bench/README.md)

@@ -7,6 +7,8 @@ newest valid one::
     $PYVMM_CACHE/kernel/current/{vmlinux,bzImage}
     $PYVMM_CACHE/initramfs/current/initramfs.cpio
     $PYVMM_CACHE/freestanding/current/pyvmm-test-guest.elf
+    $PYVMM_CACHE/vsock-test/current/vsock-test.cpio     (make vsock-test: the kernel's
+        vsock_test from two kernel generations, a cpio to append to the initramfs)
 """
 
 from __future__ import annotations
@@ -46,3 +48,10 @@ def default_initramfs(required: bool = True) -> Path | None:
 
 def freestanding_guest(required: bool = True) -> Path | None:
     return _image("freestanding", "pyvmm-test-guest.elf", "make guest", required)
+
+
+def vsock_test_cpio(required: bool = True) -> Path | None:
+    """A newc cpio holding /usr/bin/vsock_test-6.1, /usr/bin/vsock_test-6.12 (and the other
+    tools/testing/vsock programs, guest/vsock_test/README.md), to be concatenated after the
+    default initramfs: the kernel unpacks one archive after the other."""
+    return _image("vsock-test", "vsock-test.cpio", "make vsock-test", required)
