@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 RELAY_PORT = 9999
 CONTROL_PORT = 5555
 #: one vsock_test process: the longest it may run (in the lab, under TCG)
-RUN_TIMEOUT = 900
+RUN_TIMEOUT = 600
 
 _STARTED = re.compile(r"^(\d+) - (.*?)\.\.\.(.*)$")
 
