@@ -35,7 +35,7 @@ version=${1-6.1}               # no argument: 6.1; an empty one is refused below
 #     installs them). Package names stay literal here: tests/unit/test_install_list.py reads
 #     these calls to check that the Makefile's APT_PACKAGES has each of them.
 case $version in
-    6.1)    # the default guest kernel (pyvmm.images.default_kernel): boots fastest here
+    6.1)    # the default guest kernel (pyvmm.images.default_kernel)
         kind=kernel
         "$here/../scripts/check-packages" kernel linux-source-6.1 \
             build-essential bc bison flex libelf-dev libssl-dev xz-utils patch ;;
