@@ -5,8 +5,9 @@
 #   make bench   the benchmarks, side by side with ceilings and QEMU (bench-quick: < 2 min)
 #
 # Each does its own set-up on a fresh Debian machine: apt packages (deps), a
-# virtualenv with pyvmm installed (venv), the guest kernel (kernel) and guest
-# images (guest), all cached: a second run rebuilds nothing.
+# virtualenv with pyvmm installed (venv), the guest kernel (kernel; make test also
+# builds the second, 6.12 one: kernel-6.12) and guest images (guest), all cached:
+# a second run rebuilds nothing.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,7 +27,7 @@ APT_PACKAGES := python3-venv build-essential linux-source-6.1 linux-source-6.12 
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k serial -x"
 PYTEST_ARGS ?=
 
-.PHONY: all demo test unit bench bench-quick fuzz soak deps print-apt-packages venv kernel guest freestanding initramfs vsock-test clean distclean
+.PHONY: all demo test unit bench bench-quick fuzz soak deps print-apt-packages venv kernel kernel-6.12 guest freestanding initramfs vsock-test clean distclean
 
 all: kernel guest venv
 
@@ -46,8 +47,13 @@ $(VENV)/.installed: pyproject.toml | deps
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# The default guest kernel, Linux 6.1 ($PYVMM_CACHE/kernel), and the second one, Linux 6.12
+# ($PYVMM_CACHE/kernel-6.12), which only the tests use (kernels/README.md)
 kernel: deps
 	kernels/build.sh
+
+kernel-6.12: deps
+	kernels/build.sh 6.12
 
 initramfs: deps
 	guest/initramfs/build.sh
@@ -66,7 +72,7 @@ vsock-test: deps
 demo: venv kernel guest
 	$(PY) scripts/demo $(if $(V),--verbose)
 
-test: venv kernel guest vsock-test
+test: venv kernel kernel-6.12 guest vsock-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (never pass/fail): a table on stdout, JSON in bench/results/ (bench/README.md)

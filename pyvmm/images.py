@@ -4,7 +4,8 @@
 of artefact, each with content-keyed builds and a ``current`` symlink to the
 newest valid one::
 
-    $PYVMM_CACHE/kernel/current/{vmlinux,bzImage}
+    $PYVMM_CACHE/kernel/current/{vmlinux,bzImage}         Linux 6.1, the default
+    $PYVMM_CACHE/kernel-6.12/current/{vmlinux,bzImage}    Linux 6.12 (make kernel-6.12)
     $PYVMM_CACHE/initramfs/current/initramfs.cpio
     $PYVMM_CACHE/freestanding/current/pyvmm-test-guest.elf
     $PYVMM_CACHE/vsock-test/current/vsock-test.cpio     (make vsock-test: the kernel's
@@ -40,6 +41,16 @@ def default_kernel(required: bool = True) -> Path | None:
 
 def default_bzimage(required: bool = True) -> Path | None:
     return _image("kernel", "bzImage", "make kernel", required)
+
+
+def kernel_6_12(required: bool = True) -> Path | None:
+    """The Linux 6.12 vmlinux: the second guest kernel, for what needs the newer guest driver
+    (the kernel's own vsock_test of 6.12); kernels/README.md says how the two differ."""
+    return _image("kernel-6.12", "vmlinux", "make kernel-6.12", required)
+
+
+def bzimage_6_12(required: bool = True) -> Path | None:
+    return _image("kernel-6.12", "bzImage", "make kernel-6.12", required)
 
 
 def default_initramfs(required: bool = True) -> Path | None:
