@@ -48,10 +48,12 @@ class Parsed:
 def parse(output: str) -> Parsed:
     """Verdicts from one vsock_test process's output (stdout and stderr merged).
 
-    A test's output runs from its ``<id> - <name>...`` to the next test's: ``ok`` or
-    ``skipped`` as its last line is the verdict, anything it printed before that a note
-    (6.12's SIOCOUTQ tests say "Test skipped, SIOCOUTQ not supported." and then ``ok``).
-    The last test without such an ending is the one the process died in."""
+    A test's output runs from its ``<id> - <name>...`` to the next test's: the first line
+    that is just ``ok`` or ``skipped`` is the verdict, anything it printed before that a note
+    (6.12's SIOCOUTQ tests say "Test skipped, SIOCOUTQ not supported." and then ``ok``), and
+    what follows the last test's verdict the run's trailer (Debian's 6.1.192: "All tests have
+    been executed. Waiting other peer...ok").  The last test without a verdict is the one the
+    process died in."""
     out = Parsed()
     lines = output.splitlines()
     starts = [(i, m) for i, line in enumerate(lines) if (m := _STARTED.match(line))]
@@ -59,10 +61,11 @@ def parse(output: str) -> Parsed:
         end = starts[k + 1][0] if k + 1 < len(starts) else len(lines)
         segment = [x.strip() for x in [m.group(3)] + lines[i + 1:end] if x.strip()]
         n, name = int(m.group(1)), m.group(2)
-        last = segment[-1] if segment else ""
-        if last in ("ok", "skipped"):
-            out.verdicts[n] = Verdict(n, name, "pass" if last == "ok" else "skip",
-                                      " / ".join(segment[:-1]))
+        ends = [j for j, x in enumerate(segment) if x in ("ok", "skipped")]
+        if ends:                    # its verdict; after it only the run's own trailer
+            j = ends[0]
+            out.verdicts[n] = Verdict(n, name, "pass" if segment[j] == "ok" else "skip",
+                                      " / ".join(segment[:j]))
         elif k + 1 == len(starts):
             out.died_in = Verdict(n, name, "fail", " / ".join(segment))
         else:                       # went on to the next test without a word: cannot happen
@@ -121,7 +124,7 @@ def run_all(server, client, binary: str, server_cid: int, client_cid: int,
         try:
             srv.wait(120)
         except AssertionError:          # blocked in a test whose client is gone: end it
-            server.run("pkill -f vsock_test-")
+            server.run(f"killall {binary}")
             srv.wait(60)
         c, s = parse(cli.output), parse(srv.output)
         progressed = False

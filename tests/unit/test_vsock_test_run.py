@@ -75,3 +75,9 @@ def test_a_server_side_failure_is_blamed_on_its_own_test_and_the_rest_runs_again
     assert {n: v.outcome for n, v in verdicts.items()} == {0: "pass", 1: "fail", 2: "pass"}
     assert "server: send: Broken pipe" in verdicts[1].detail
     assert client.commands[-1].endswith("--skip=0 --skip=1")
+
+
+def test_the_runs_trailer_after_the_last_verdict_is_not_a_failure():
+    out = "10 - SOCK_STREAM poll() + SO_RCVLOWAT...ok\nAll tests have been executed. Waiting other peer...ok\n"
+    p = vt.parse(out)
+    assert p.died_in is None and (p.verdicts[10].outcome, p.verdicts[10].detail) == ("pass", "")
