@@ -28,7 +28,7 @@ from harness import LAB_NODEIDS, LAB_SUMMARY
 sys.path.insert(0, str(Path(__file__).resolve().parent / "lab"))
 import lab  # noqa: E402
 
-LAB_TIMEOUT = 3600      # the e2e set with vsock_test 6.1 and 6.12 (CI allows 90 min for all)
+LAB_TIMEOUT = 1800
 LAB_CPUS = 2          # the e2e tests boot a 2-vCPU guest; multi-threaded TCG gives 2 real ones
 
 #: The one failure that is the lab's own, and the only one retried (once): the nested guest

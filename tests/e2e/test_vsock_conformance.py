@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,16 @@ from harness import ShellGuest
 from pyvmm import images
 from pyvmm.machine import VsockConfig
 
-pytestmark = pytest.mark.e2e
+pytestmark = [
+    pytest.mark.e2e,
+    # Inside the full e2e session in the lab it did not finish within 20 minutes in the
+    # CI-equivalent run of 2026-11-30 (alone in the lab it took 6 minutes for all four):
+    # until that is understood (issue 13), it runs on request only.
+    pytest.mark.skipif(os.environ.get("PYVMM_CONFORMANCE") != "1",
+                       reason="vsock_test conformance runs on request: PYVMM_CONFORMANCE=1 "
+                              "(tests/lab/run --cpus 2 --timeout 2400 -- env PYVMM_CONFORMANCE=1 "
+                              ".venv/bin/python -m pytest tests/e2e/test_vsock_conformance.py)"),
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFORMANCE = ROOT / "CONFORMANCE.md"
