@@ -333,8 +333,8 @@ class VsockGroup:
                 return
             except BlockingIOError:
                 pass
-            except OSError as e:
-                self._peer_left(peer.cid, f"send: {e.strerror}")
+            except OSError:
+                self._peer_left(peer.cid)
                 return
         peer.pending.append(b"".join(iov))     # guest RAM is given back after this batch
         peer.pending_bytes += size
@@ -351,8 +351,8 @@ class VsockGroup:
                 peer.sock.sendmsg([peer.pending[0]])
             except BlockingIOError:
                 break
-            except OSError as e:
-                self._peer_left(peer.cid, f"send: {e.strerror}")
+            except OSError:
+                self._peer_left(peer.cid)
                 return
             peer.pending_bytes -= len(peer.pending.popleft())
         if not peer.pending and peer.writing:
@@ -403,12 +403,10 @@ class VsockGroup:
             data = peer.sock.recv(1)
         except BlockingIOError:
             return
-        except OSError as e:
-            data, why = None, e.strerror
-        else:
-            why = "end of file" if not data else "it sent on our crossing"
+        except OSError:
+            pass                        # a reset: gone as much as end of file or stray data
         if self._peers.get(peer.cid) is peer:
-            self._peer_left(peer.cid, why)
+            self._peer_left(peer.cid)
 
     # -- members -> our guest ---------------------------------------------------------------
     def _on_accept(self) -> None:
@@ -444,11 +442,11 @@ class VsockGroup:
                 data, _anc, flags, _addr = sock.recvmsg(GROUP_MSG_MAX)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError as e:
-                self._inbound_ended(fd, e.strerror)
+            except OSError:
+                self._inbound_ended(fd)
                 return
             if not data:
-                self._inbound_ended(fd, "end of file")
+                self._inbound_ended(fd)
                 return
             if flags & socket.MSG_TRUNC:
                 self._bad_member(fd, "crossing message longer than GROUP_MSG_MAX", len(data))
@@ -575,7 +573,7 @@ class VsockGroup:
             if len(self._flows) > GROUP_MAX_FLOWS:
                 self._flows.popitem(last=False)
 
-    def _peer_left(self, cid: int, why: str) -> None:
+    def _peer_left(self, cid: int) -> None:
         """Member ``cid`` has gone: close our crossings with it, reset our guest's
         connections with it."""
         self.metrics["group_peers_left"] += 1
@@ -597,19 +595,19 @@ class VsockGroup:
         if gone and self.live:
             self.on_rx_pending()
 
-    def _inbound_ended(self, fd: int, why: str) -> None:
+    def _inbound_ended(self, fd: int) -> None:
         cid = self._inbound[fd][1]
         if cid is None:
             self._close_inbound(fd)
         else:
-            self._peer_left(cid, why)
+            self._peer_left(cid)
             self._close_inbound(fd)
 
     def _bad_member(self, fd: int, reason: str, detail) -> None:
         self.host_errors.report(reason, str(detail))
         self.metrics["group_bad_packets"] += 1
         self.metrics["host_errors"] += 1
-        self._inbound_ended(fd, reason)
+        self._inbound_ended(fd)
 
     def _close_peer(self, peer: _Peer) -> None:
         self._peers.pop(peer.cid, None)
