@@ -67,11 +67,42 @@ def caught() -> bool:
 
 
 def excerpt(lines: int = 200, vmlinux: Path | None = None) -> str:
-    """The last ``lines`` events, each guest RIP followed by ``<symbol+0xoff>`` if known."""
+    """The last ``lines`` events, each guest RIP followed by ``<symbol+0xoff>`` if known.
+
+    A RIP in the outer kernel's own VM-entry code is named ``<outer kvm_amd:symbol+0xoff>``
+    (from ``/proc/kallsyms``): a nested guest has no business there (our guest kernels are
+    built without modules, so nothing of theirs lives in the module area), and seeing it
+    means the emulated VMRUN handed the outer kernel's RIP to the guest."""
     text = (TRACING / "trace").read_text(errors="replace").splitlines()[-lines:]
-    name = _symbolizer(vmlinux) if vmlinux else (lambda rip: "")
+    guest = _symbolizer(vmlinux) if vmlinux else (lambda rip: "")
+    outer = _outer_symbolizer()
+
+    def name(rip: int) -> str:
+        return guest(rip) or outer(rip)
     return "\n".join(_RIP.sub(lambda m: f"{m.group(0)} {name(int(m.group(1), 16))}".rstrip(), line)
                      for line in text)
+
+
+#: the outer kernel's module whose text a nested guest's RIP is checked against
+OUTER_MODULE = "kvm_amd"
+
+
+def _outer_symbolizer(kallsyms: Path = Path("/proc/kallsyms")):
+    """rip -> "<outer kvm_amd:symbol+0xoff>" for a RIP in kvm_amd's text, else ""."""
+    try:
+        lines = kallsyms.read_text().splitlines()
+    except OSError:
+        return lambda rip: ""
+    syms = sorted((int(f[0], 16), f[2]) for f in (l.split() for l in lines)
+                  if len(f) >= 4 and f[1] in "tT" and f[3] == f"[{OUTER_MODULE}]" and int(f[0], 16))
+    addrs = [a for a, _ in syms]
+
+    def name(rip: int) -> str:
+        i = bisect.bisect_right(addrs, rip) - 1
+        if i < 0 or i == len(syms) - 1 or rip - addrs[i] > 0x10000:
+            return ""                   # past kvm_amd's last text symbol: not known to be its
+        return f"<outer {OUTER_MODULE}:{syms[i][1]}+{rip - addrs[i]:#x}>"
+    return name
 
 
 def _symbolizer(vmlinux: Path):

@@ -9,6 +9,8 @@ LAB_SIGNATURE: these check that pyvmm's real report matches it, and nothing else
 from __future__ import annotations
 
 import collections
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -67,6 +69,10 @@ def test_a_shutdown_elsewhere_keeps_its_registers_and_is_not_the_lab_signature()
 CAUGHT = ("pyvmm-vcpu0-144 [000] .....   184.117800: kvm_exit: vcpu 0 reason shutdown rip "
           "0xffffffff81025aaa <kvm_hypercall4.constprop.0+0x15> info1 0x0000000000000000 info2 "
           "0x0000000000000000 intr_info 0x80000b0e error_code 0x00000018")
+#: ... and the one CI caught the same day: the guest entered at the outer kernel's VMRUN
+AT_VMRUN = ("pyvmm-vcpu0-144 [000] .....   173.111604: kvm_exit: vcpu 0 reason shutdown rip "
+            "0xffffffffc035120c <outer kvm_amd:__svm_vcpu_run+0x9c> info1 0x0000000000000000 "
+            "info2 0x0000000000000000 intr_info 0x80000b0e error_code 0x00000010")
 SHUTDOWN = "the guest ended: status 1: " + report(0xFFF0, 0xFFFF0000)[1]
 
 
@@ -77,6 +83,10 @@ SHUTDOWN = "the guest ended: status 1: " + report(0xFFF0, 0xFFFF0000)[1]
     ({"t::a": SHUTDOWN}, "", False),                                    # no trace: not proven
     ({"t::a": SHUTDOWN}, CAUGHT.replace("0x00000018", "0x00000019"), False),   # P set: hardware
     ({"t::a": SHUTDOWN}, CAUGHT.replace("0x00000018", "0x00000010"), False),   # no RSVD
+    ({"t::a": SHUTDOWN}, AT_VMRUN, True),
+    ({"t::a": SHUTDOWN}, AT_VMRUN.replace("0x00000010", "0x00000011"), False),  # P set
+    ({"t::a": SHUTDOWN}, AT_VMRUN.replace("<outer kvm_amd:__svm_vcpu_run+0x9c> ", ""), False),
+    ({"t::a": SHUTDOWN}, AT_VMRUN.replace("outer kvm_amd:", ""), False),        # a guest symbol
     ({"t::a": SHUTDOWN}, CAUGHT.replace("0x80000b0e", "0x80000b0d"), False),   # a #GP
     ({"t::a": SHUTDOWN}, CAUGHT.replace("0x80000b0e", "0x00000b0e"), False),   # no event
     ({"t::a": SHUTDOWN, "t::b": "AssertionError: SHA-256 differs"}, CAUGHT, False),
@@ -84,6 +94,22 @@ SHUTDOWN = "the guest ended: status 1: " + report(0xFFF0, 0xFFFF0000)[1]
 ])
 def test_the_proxy_retries_only_the_proven_lab_signature(failures, trace, retried):
     assert test_lab_e2e.lab_own_failure(failures, trace) is retried
+
+
+def test_the_outer_symbolizer_names_kvm_amd_text_only(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lab"))
+    import kvm_trace
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text("ffffffff81000000 T _stext\n"
+                        "ffffffffc0351170 t __svm_vcpu_run\t[kvm_amd]\n"
+                        "ffffffffc0351300 t svm_vcpu_free\t[kvm_amd]\n"
+                        "ffffffffc0360000 t vp_notify\t[virtio_pci]\n")
+    name = kvm_trace._outer_symbolizer(kallsyms)
+    assert name(0xFFFFFFFFC035120C) == "<outer kvm_amd:__svm_vcpu_run+0x9c>"
+    assert name(0xFFFFFFFFC0351310) == ""          # past kvm_amd's last known symbol
+    assert name(0xFFFFFFFF81000010) == ""          # the outer kernel's own text: not named
+    assert name(0xFFFFFFFFC0360000) == ""          # another module
+    assert kvm_trace._outer_symbolizer(tmp_path / "absent")(0xFFFFFFFFC035120C) == ""
 
 
 def test_describe_exit_names_ports_and_addresses():
