@@ -98,6 +98,31 @@ def parse_vsock(text: str):
     return VsockConfig(cid, uds, conn_buf_size=buf, proto=proto, pairs=pairs, group=group)
 
 
+def parse_disk(text: str):
+    """'PATH[,ro][,cache=writeback|none][,serial=ID]' -> DiskConfig (the path may not hold
+    a comma).  The image itself is checked when the machine is built."""
+    from .machine import DiskConfig
+    usage = "expected PATH[,ro][,cache=writeback|none][,serial=ID]"
+    path, *options = text.split(",")
+    if not path:
+        raise argparse.ArgumentTypeError(f"invalid --disk {text!r}: no path; {usage}")
+    disk = DiskConfig(path)
+    for item in options:
+        key, eq, value = item.partition("=")
+        if key == "ro" and not eq:
+            disk.read_only = True
+        elif key == "cache" and value in ("writeback", "none"):
+            disk.cache = value
+        elif key == "cache":
+            raise argparse.ArgumentTypeError(
+                f"invalid --disk {text!r}: cache must be writeback or none")
+        elif key == "serial" and eq:
+            disk.serial = value
+        else:
+            raise argparse.ArgumentTypeError(f"invalid --disk {text!r}: {usage}")
+    return disk
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyvmm", description="A Python VMM on Linux KVM.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -128,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "(PATH.dgram, PATH_P.dgram); group=DIR: pyvmm processes given the same "
                      "DIR carry packets between their guests' CIDs (VM-to-VM; a CID already "
                      "in the group is refused)")
+    run.add_argument("--disk", type=parse_disk, action="append", default=[],
+                     metavar="PATH[,ro][,cache=writeback|none][,serial=ID]",
+                     help="a virtio-blk disk backed by the raw image PATH; repeat for more "
+                     "(the guest's vda, vdb, ... in this order); ro: read-only (the file is "
+                     "never opened for writing); cache=none: O_DIRECT; serial: the disk's ID, "
+                     "at most 20 characters. An image in use by another pyvmm or QEMU is refused")
     run.add_argument("--vcpu-affinity", metavar="CPUS", help="host CPUs for the vCPU threads, "
                      "a list like 0, 1-3 or 0,2 (default: not pinned)")
     run.add_argument("--io-affinity", metavar="CPUS", help="host CPUs for the device threads "
@@ -214,7 +245,8 @@ def cmd_run(args) -> int:
     config = MachineConfig(kernel=kernel, initrd=initrd, cmdline=args.cmdline, mem=args.mem,
                            cpus=args.cpus, timeout=args.timeout, serial_out=serial_out,
                            stdin=stdin, default_cmdline=not args.no_default_cmdline,
-                           vsock=args.vsock, vcpu_affinity=vcpu_cpus, io_affinity=io_cpus)
+                           vsock=args.vsock, vcpu_affinity=vcpu_cpus, io_affinity=io_cpus,
+                           disks=args.disk)
     try:
         with Machine(config, host) as vm:
             log.info("host: %s (%s)", host.flavour.value, host.detail)
@@ -234,6 +266,10 @@ def cmd_run(args) -> int:
                 log.info("vsock: guest CID %d%s%s", args.vsock.guest_cid,
                          f", host end {args.vsock.uds_path}" if args.vsock.uds_path else "",
                          f", group {args.vsock.group}" if args.vsock.group else "")
+            for i, (disk, dev) in enumerate(zip(args.disk, vm.blk_devices)):
+                log.info("disk vd%s: %s, %d sectors%s%s", chr(ord("a") + i),
+                         disk.path, dev.capacity, ", read-only" if disk.read_only else "",
+                         ", cache=none" if disk.cache == "none" else "")
             with _cbreak(stdin if args.serial == "stdio" else None):
                 result = vm.run()
             if args.metrics:
@@ -252,6 +288,8 @@ def _write_metrics(path: str, vm, result) -> None:
            "exits": dict(result.exit_counts)}
     if vm.vsock_device is not None:
         doc["vsock"] = vm.vsock_device.counters()
+    if vm.blk_devices:
+        doc["blk"] = [dev.counters() for dev in vm.blk_devices]
     doc["virtio"] = [{"base": slot.base, "irq": slot.irq, **slot.transport.snapshot()}
                      for slot in vm.virtio_slots]
     try:

@@ -114,6 +114,8 @@ class MachineConfig:
     #: further virtio devices, in slot order after vsock (slot i at
     #: layout.mmio_device_base(i), IRQ layout.mmio_device_irq(i))
     virtio_devices: list = field(default_factory=list)
+    #: virtio-blk disks, in slot order after those: the guest's vda, vdb, ... in this order
+    disks: "list[DiskConfig]" = field(default_factory=list)
     #: host CPUs for the vCPU threads / for the device threads (the I/O thread
     #: pyvmm-io of all virtio devices, stdin): a CPU list like "0" or "0-1", or
     #: a set of ints; None = not pinned (pyvmm.affinity)
@@ -135,6 +137,18 @@ class VsockConfig:
     pairs: int | None = None
     #: the vsock group directory (VM-to-VM, pyvmm.vsock.group), or None
     group: str | None = None
+
+
+@dataclass
+class DiskConfig:
+    """One ``--disk PATH[,ro][,cache=writeback|none][,serial=ID]``: a virtio-blk device."""
+    path: str
+    #: the image is opened O_RDONLY and the guest sees VIRTIO_BLK_F_RO
+    read_only: bool = False
+    #: "writeback" (host page cache) or "none" (O_DIRECT where the file system allows)
+    cache: str = "writeback"
+    #: what VIRTIO_BLK_T_GET_ID answers (/sys/block/vdX/serial): at most 20 ASCII bytes
+    serial: str | None = None
 
 
 @dataclass
@@ -316,6 +330,18 @@ class Machine:
                 kw["group"] = VsockGroup(cfg.vsock.group)
             self.vsock_device = VsockDevice(cfg.vsock.guest_cid, backends, wire=wire, **kw)
             devices.insert(0, self.vsock_device)
+        #: the virtio-blk devices, in --disk order (the guest's vda, vdb, ...)
+        self.blk_devices = []
+        if cfg.disks:
+            from .blk import open_backend
+            from .blk.device import BlkDevice
+            for disk in cfg.disks:
+                backend = open_backend(disk)        # opened and locked: ConfigError
+                self._closers.append(backend.close)
+                self.blk_devices.append(BlkDevice(backend, serial=disk.serial))
+            devices += self.blk_devices
+        if len(devices) > layout.MMIO_MAX_DEVICES:
+            raise ConfigError(f"{len(devices)} virtio devices: at most {layout.MMIO_MAX_DEVICES}")
         self.virtio_slots = []
         for device in devices:
             self._closers.append(device.close)
