@@ -59,7 +59,10 @@ read-only                  CONSISTENT_READ (100)      WRITE, RESIZE (201, 203)
 =========================  ========================  =====================================
 
 so two read-only users coexist, a writer and anybody else do not.  A refused
-open is a :class:`~pyvmm.errors.ConfigError` naming the byte.
+open is a :class:`~pyvmm.errors.ConfigError` naming the byte (an OFD lock has no
+owner pid to name).  QEMU's read-only tools (``qemu-img info``, ``qemu-io -r``)
+use only CONSISTENT_READ and share everything, so they can still read an image
+pyvmm holds, as they can one a running QEMU holds.
 """
 
 from __future__ import annotations
