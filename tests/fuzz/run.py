@@ -1,6 +1,6 @@
 """``python tests/fuzz/run.py TARGET [libFuzzer options] [CORPUS_DIR ...]``: fuzz one target.
 
-TARGET is one of ``tests/fuzz/targets.py``'s TARGETS (queue, mmio, vsock).  The
+TARGET is one of ``tests/fuzz/targets.py``'s TARGETS (queue, mmio, vsock, blk).  The
 options are libFuzzer's, e.g. ``-max_total_time=600`` (seconds), ``-runs=N``,
 ``-artifact_prefix=DIR/`` (where a crashing input is written).  With a corpus
 directory, new inputs that reach new code are added to it (``make fuzz`` uses

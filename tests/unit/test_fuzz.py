@@ -19,7 +19,7 @@ FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
 CORPUS = FUZZ / "corpus"
 #: seconds of coverage-guided fuzzing per target in ``make test`` (FUZZ_SECONDS overrides)
 SHORT_RUN = int(os.environ.get("FUZZ_SECONDS", "20"))
-TARGET_NAMES = ("queue", "mmio", "vsock")
+TARGET_NAMES = ("queue", "mmio", "vsock", "blk")
 
 atheris = pytest.importorskip("atheris", reason="atheris is not installed (pip install -e '.[test]')")
 
