@@ -87,7 +87,7 @@ bench-quick: venv guest
 # tests/fuzz/corpus/<target> (make test replays it and fuzzes each target for 20 s)
 FUZZ_SECONDS ?= 300
 fuzz: venv
-	@for t in queue mmio vsock; do echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+	@for t in queue mmio vsock blk; do echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
 		(cd tests/fuzz && ../../$(PY) run.py $$t -max_total_time=$(FUZZ_SECONDS) \
 			-print_final_stats=1 corpus/$$t) || exit 1; done
 
