@@ -175,7 +175,7 @@ class _Pending:
     first: int = 0                      # its requests in the batch: [first, first + count)
     count: int = 0
     ops: list = field(default_factory=list)
-    bytes: tuple[str, int] | None = None    # (counter, bytes) to count if it succeeds
+    moved: tuple[str, int] | None = None    # (counter, bytes) to add if it succeeds
 
 
 class BlkDevice(VirtioDevice):
@@ -329,8 +329,8 @@ class BlkDevice(VirtioDevice):
                     self.metrics["backend_errors"] += 1
                     self.host_errors.report("image I/O failed", f"{errno.errorcode.get(errs[0], errs[0])}"
                                             f" ({os.strerror(errs[0])})")
-            if p.status == _S_OK and p.bytes is not None:
-                self.metrics[p.bytes[0]] += p.bytes[1]
+            if p.status == _S_OK and p.moved is not None:
+                self.metrics[p.moved[0]] += p.moved[1]
             if p.status_view is None:
                 used.append((p.chain.head, 0))
                 continue
@@ -444,10 +444,10 @@ class BlkDevice(VirtioDevice):
         p.ops = [BlockRequest(op, sector << SECTOR_SHIFT, length, views)]
         if op is BlockOp.READ:
             p.used_len = length + 1
-            p.bytes = ("bytes_read", length)
+            p.moved = ("bytes_read", length)
         else:
             p.used_len = 1
-            p.bytes = ("bytes_written", length)
+            p.moved = ("bytes_written", length)
         return p
 
     def _segments(self, p: _Pending, discard: bool, chain: DescriptorChain, out_len: int,
