@@ -125,6 +125,8 @@ def test_discard_punches_holes(backend, image):
     os.fsync(backend.fd)
     blocks = os.stat(image).st_blocks
     assert backend.execute([BlockRequest(BlockOp.DISCARD, MiB, 2 * MiB)]) == [0]
+    if raw_mod.FALLOC_FL_PUNCH_HOLE | raw_mod.FALLOC_FL_KEEP_SIZE in backend._unsupported_modes:
+        pytest.skip(f"the file system of {image.parent} cannot punch holes (fallocate)")
     assert os.stat(image).st_blocks <= blocks - (2 * MiB) // 512
     assert image.read_bytes()[MiB:3 * MiB] == bytes(2 * MiB)
 
