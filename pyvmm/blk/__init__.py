@@ -13,6 +13,9 @@ carries them out.
 
 from __future__ import annotations
 
+import os
+import stat
+
 from ..errors import ConfigError
 
 __all__ = ["IMAGE_MAGICS", "detect_format", "open_backend"]
@@ -34,6 +37,9 @@ IMAGE_MAGICS = (
 def detect_format(path: str) -> str:
     """'raw', or the format whose magic ``path`` starts with (:data:`IMAGE_MAGICS`)."""
     try:
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):      # a FIFO would block the read
+            raise ConfigError(f"disk {path}: not a regular file or block device")
         with open(path, "rb") as f:
             head = f.read(0x44)
     except OSError as e:

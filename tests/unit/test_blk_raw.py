@@ -297,3 +297,11 @@ def test_other_formats_are_refused_until_the_storage_daemon_is_wired(tmp_path, f
 def test_missing_image_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="No such file"):
         open_backend(DiskConfig(str(tmp_path / "nope.img")))
+
+
+def test_a_fifo_or_directory_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(ConfigError, match="not a regular file or block device"):
+            open_backend(DiskConfig(str(path)))
