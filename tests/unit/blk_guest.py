@@ -14,7 +14,6 @@ themselves (:meth:`BlkGuest.submit`).
 from __future__ import annotations
 
 import hashlib
-import struct
 
 from pyvmm.blk.backend import BlockOp
 from pyvmm.blk.device import BlkDevice
