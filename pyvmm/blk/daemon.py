@@ -33,6 +33,12 @@ The daemon, for ``disk.qcow2`` read-write::
   (``Failed to get "write" lock``), and turned into "in use by another process".  A raw
   image through the daemon is not protected that way (an NBD export shares every
   permission), which is one reason raw images use pyvmm's own raw backend instead.
+  The same sharing reaches the backing files: the daemon opens them read-only but lets
+  others write them (a backing file's parent shares WRITE, so QEMU lets its backing be
+  written).  So pyvmm itself holds QEMU's locks on every backing file of the chain for the
+  daemon's life (:func:`hold_qemu_locks`: "I read it consistently, nobody may write or
+  resize it"), and refuses to start when someone is writing one: a base under an overlay
+  stays untouched.
 * **Flushes**: ``cache.direct`` and ``cache.no-flush`` stay at their defaults (off): data
   goes through the host's page cache and NBD_CMD_FLUSH reaches the qcow2 driver's flush
   (its metadata caches) and then ``fdatasync`` on the image file (file-posix
@@ -56,12 +62,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import tempfile
 import time
@@ -73,7 +81,8 @@ from .backend import BlockRequest
 from .nbd import NbdBackend
 
 __all__ = ["DAEMON_START_TIMEOUT", "DAEMON_STOP_TIMEOUT", "EXPORT_NAME", "QEMU_IMG_TIMEOUT",
-           "QemuImageBackend", "StorageDaemon", "image_format", "image_chain"]
+           "QemuImageBackend", "StorageDaemon", "hold_qemu_locks", "image_chain",
+           "image_format"]
 
 #: seconds qemu-img info may take
 QEMU_IMG_TIMEOUT = 30.0
@@ -100,18 +109,22 @@ def _tool(name: str) -> str:
     return path
 
 
-def image_chain(path: str | os.PathLike) -> list[dict]:
+def image_chain(path: str | os.PathLike, fmt: str | None = None) -> list[dict]:
     """``qemu-img info --output=json --backing-chain`` of ``path``: the image first, then
-    its backing files.  A chain QEMU cannot open (a missing or unreadable backing file) is
-    a ConfigError with qemu-img's message.  ``-U`` (force share): an image in use is
-    reported here and refused by the daemon, with one message, in one place."""
+    its backing files.  ``fmt``: the image's format if known (then it is not probed).  A
+    chain QEMU cannot open (a missing or unreadable backing file) is a ConfigError with
+    qemu-img's message.  ``-U`` (force share): an image in use is reported here and refused
+    by the daemon, with one message, in one place."""
     path = os.path.abspath(path)                # an absolute path: never read as "proto:..."
     if not os.path.exists(path):
         raise ConfigError(f"disk image {path} does not exist")
+    if fmt is not None and not _FORMAT_NAME.match(fmt):
+        raise ConfigError(f"{fmt!r} is not an image format name")
+    command = [_tool("qemu-img"), "info", "--output=json", "--backing-chain", "-U", path]
+    if fmt is not None:
+        command[2:2] = ["-f", fmt]
     try:
-        done = subprocess.run([_tool("qemu-img"), "info", "--output=json", "--backing-chain",
-                               "-U", path], capture_output=True, text=True,
-                              timeout=QEMU_IMG_TIMEOUT)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise ConfigError(f"qemu-img info {path} took more than {QEMU_IMG_TIMEOUT:g} s") from None
     if done.returncode != 0:
@@ -125,6 +138,59 @@ def image_format(path: str | os.PathLike) -> str:
     """The format of the image at ``path`` ("raw", "qcow2", "vmdk", ...), after checking
     that its whole backing chain opens (:func:`image_chain`)."""
     return image_chain(path)[0]["format"]
+
+
+# QEMU's image locks (block/file-posix.c): one byte per permission, locked F_RDLCK with an
+# OFD lock: byte RAW_LOCK_PERM_BASE + bit while the permission is used, byte
+# RAW_LOCK_SHARED_BASE + bit while it is *not* shared with others.  A permission may be taken
+# when nobody holds its "not shared" byte; it may be unshared when nobody holds its "used" byte.
+RAW_LOCK_PERM_BASE = 100
+RAW_LOCK_SHARED_BASE = 200
+#: QEMU's BLK_PERM_* bit numbers (include/block/block-common.h) and their names in its messages
+BLK_PERM = {"consistent read": 0, "write": 1, "write unchanged": 2, "resize": 3}
+_FLOCK = "hhqqi4x"                      # struct flock: l_type, l_whence, l_start, l_len, l_pid
+
+
+def _lock_conflict(fd: int, byte: int) -> bool:
+    """Does another open file hold a lock on ``byte`` (F_OFD_GETLK, as qemu_lock_fd_test)?"""
+    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
+    return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
+
+
+def hold_qemu_locks(path: str, use: Sequence[str], unshare: Sequence[str]) -> int:
+    """Open ``path`` read-only and lock it as a QEMU that uses the permissions ``use`` and
+    shares none of ``unshare`` (names from :data:`BLK_PERM`); return the descriptor, which
+    holds the locks until it is closed.  ConfigError if another process (a QEMU, a
+    qemu-storage-daemon, a pyvmm) holds a conflicting one: QEMU's own check, after taking
+    our locks as QEMU does, so that two starting at once cannot both win."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for name in use:
+            _lock_byte(fd, RAW_LOCK_PERM_BASE + BLK_PERM[name])
+        for name in unshare:
+            _lock_byte(fd, RAW_LOCK_SHARED_BASE + BLK_PERM[name])
+        for name in use:
+            if _lock_conflict(fd, RAW_LOCK_SHARED_BASE + BLK_PERM[name]):
+                raise ConfigError(f"disk image {path} is in use by another process (a QEMU, "
+                                  f"qemu-storage-daemon or pyvmm): it does not share "
+                                  f"{name!r} access")
+        for name in unshare:
+            if _lock_conflict(fd, RAW_LOCK_PERM_BASE + BLK_PERM[name]):
+                raise ConfigError(f"disk image {path} is in use by another process (a QEMU, "
+                                  f"qemu-storage-daemon or pyvmm) with {name!r} access")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock_byte(fd: int, byte: int) -> None:
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET,
+                                                       byte, 1, 0))
+    except OSError as e:                 # only a write lock conflicts with ours; QEMU takes none
+        raise ConfigError(f"cannot lock byte {byte} of a disk image: {e.strerror}") from e
 
 
 def _opt(value: str) -> str:
@@ -152,6 +218,7 @@ class StorageDaemon:
         self.directory: str | None = None
         self.socket_path: str | None = None
         self.process: subprocess.Popen | None = None
+        self._backing_locks: list[int] = []
 
     def __enter__(self) -> "StorageDaemon":
         self.start()
@@ -179,6 +246,10 @@ class StorageDaemon:
             raise
 
     def _start(self) -> None:
+        chain = [] if self.fmt == "raw" else image_chain(self.path, self.fmt)
+        for backing in chain[1:]:
+            self._backing_locks.append(hold_qemu_locks(
+                backing["filename"], use=["consistent read"], unshare=["write", "resize"]))
         self.directory = tempfile.mkdtemp(prefix="pyvmm-qsd-")       # mode 0700
         self.socket_path = os.path.join(self.directory, "nbd.sock")
         qmp_path = os.path.join(self.directory, "qmp.sock")
@@ -239,6 +310,9 @@ class StorageDaemon:
         directory, self.directory = self.directory, None
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)
+        locks, self._backing_locks = self._backing_locks, []
+        for fd in locks:
+            os.close(fd)
 
 
 class QemuImageBackend:

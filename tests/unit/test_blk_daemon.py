@@ -182,12 +182,18 @@ def test_the_daemon_ends_with_the_backend_and_leaves_nothing(tmp_path, private_t
     assert os.listdir(private_tmp) == []
 
 
-def test_a_daemon_that_cannot_start_is_a_config_error_and_leaves_nothing(tmp_path, private_tmp):
+def test_a_daemon_that_cannot_start_is_a_config_error_and_leaves_nothing(tmp_path, private_tmp,
+                                                                          monkeypatch):
     image = tmp_path / "disk.qcow2"
     qemu_img("create", "-f", "qcow2", str(image), "1M")
-    with pytest.raises(ConfigError, match=r"qemu-storage-daemon cannot serve .*disk.qcow2 as "
-                                          r"vmdk: .*"):
+    with pytest.raises(ConfigError, match=r"disk.qcow2 cannot be opened: .*invalid VMDK"):
         opened(image, fmt="vmdk")
+    command = StorageDaemon.command
+    monkeypatch.setattr(StorageDaemon, "command", lambda self, fd: command(self, fd) + [
+        "--blockdev", "driver=no-such-driver,node-name=x"])
+    with pytest.raises(ConfigError, match=r"qemu-storage-daemon cannot serve .*disk.qcow2 as "
+                                          r"qcow2: .*'driver' does not accept value 'no-such-driver'"):
+        opened(image)
     with pytest.raises(ConfigError, match="not an image format name"):
         StorageDaemon(image, "qcow2,file.filename=/etc/passwd", False)
     assert os.listdir(private_tmp) == []
@@ -220,3 +226,36 @@ def test_the_daemon_dies_with_pyvmm(tmp_path):
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_the_base_under_an_overlay_cannot_be_written_by_anyone_else(tmp_path):
+    """The daemon's NBD export shares every permission, so QEMU would let another process
+    write the overlay's base; pyvmm holds QEMU's locks on the base for the daemon's life."""
+    base, overlay = tmp_path / "base.img", tmp_path / "overlay.qcow2"
+    qemu_img("create", "-f", "raw", str(base), "1M")
+    qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay))
+    backend = opened(overlay)
+    try:
+        with pytest.raises(ConfigError, match=r"base.img is in use by another process .*"
+                                              r"Failed to get \"write\" lock"):
+            opened(base, fmt="raw").close()
+        reader = opened(base, fmt="raw", read_only=True)     # reading it is fine
+        reader.close()
+    finally:
+        backend.close()
+    opened(base, fmt="raw").close()              # free once the overlay is closed
+
+
+def test_a_base_someone_is_writing_is_refused(tmp_path):
+    base, overlay = tmp_path / "base.img", tmp_path / "overlay.qcow2"
+    qemu_img("create", "-f", "raw", str(base), "1M")
+    qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay))
+    writer = StorageDaemon(base, "raw", False)
+    writer.start()
+    try:
+        with pytest.raises(ConfigError, match=r"base.img is in use by another process .* "
+                                              r"with 'write' access"):
+            opened(overlay)
+    finally:
+        writer.stop()
+    opened(overlay).close()
