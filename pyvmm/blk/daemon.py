@@ -23,10 +23,12 @@ The daemon, for ``disk.qcow2`` read-write::
 * **Readiness, without polling**: pyvmm binds the QMP socket itself and passes the
   listening descriptor (the man page's "file descriptor passing so there is no need to busy
   wait"), connects to it at once (the connection waits in the backlog) and reads QMP's
-  greeting.  The daemon accepts connections only after every option is processed -- its
-  man page: chardevs, exports and NBD servers are created before it accepts connections --
-  so the greeting means the NBD export is there.  If the daemon fails, it exits, the only
-  listening descriptor goes with it and the read ends at once; its stderr says why.
+  greeting.  The daemon sets itself up option by option, in order, and the monitor comes
+  *last*: it exists, and can greet, only once the image is open, the NBD server listens
+  and the export is there.  (Seen: the daemon may accept a connection while it still
+  processes options -- opening an image runs its event loop -- so "last" matters; the man
+  page's promise is about --pidfile.)  If the daemon fails, it exits, the only listening
+  descriptor goes with it and the read ends at once; its stderr says why.
 * **Locking**: QEMU's defaults (``locking=auto``: OFD locks on the image).  A format driver
   (qcow2, vmdk, ...) takes the WRITE permission on its file and shares it with nobody, so an
   image a QEMU, another qemu-storage-daemon or another pyvmm is using is refused
@@ -235,6 +237,7 @@ class StorageDaemon:
                 "--nbd-server", f"addr.type=unix,addr.path={_opt(self.socket_path)}",
                 "--export", f"type=nbd,id=exp0,node-name=disk0,name={EXPORT_NAME},"
                             f"writable={'off' if self.read_only else 'on'}",
+                # last: the greeting on this monitor means everything above is set up
                 "--chardev", f"socket,id=qmp0,fd={qmp_fd},server=on,wait=off",
                 "--monitor", "chardev=qmp0"]
 

@@ -189,8 +189,12 @@ def test_a_daemon_that_cannot_start_is_a_config_error_and_leaves_nothing(tmp_pat
     with pytest.raises(ConfigError, match=r"disk.qcow2 cannot be opened: .*invalid VMDK"):
         opened(image, fmt="vmdk")
     command = StorageDaemon.command
-    monkeypatch.setattr(StorageDaemon, "command", lambda self, fd: command(self, fd) + [
-        "--blockdev", "driver=no-such-driver,node-name=x"])
+
+    def bad_option_before_the_monitor(self, fd):
+        argv = command(self, fd)
+        at = argv.index("--chardev")
+        return argv[:at] + ["--blockdev", "driver=no-such-driver,node-name=x"] + argv[at:]
+    monkeypatch.setattr(StorageDaemon, "command", bad_option_before_the_monitor)
     with pytest.raises(ConfigError, match=r"qemu-storage-daemon cannot serve .*disk.qcow2 as "
                                           r"qcow2: .*'driver' does not accept value 'no-such-driver'"):
         opened(image)

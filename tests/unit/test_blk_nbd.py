@@ -333,6 +333,9 @@ class FakeNbd:
             conn.sendall(self.answer(request))
 
     def close(self):
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave it
+        # there, and a later socket that reuses the descriptor number could be accepted on
+        self.server.sock.shutdown(socket.SHUT_RDWR)
         self.server.close()
 
 
@@ -343,10 +346,12 @@ def sock_path(tmp_path):
 
 @pytest.fixture
 def servers():
+    """Fake servers and backends made by a test, closed after it: the backends first, so
+    that every server thread sees the end of its connection and finishes."""
     made = []
     yield made
-    for server in made:
-        server.close()
+    for thing in reversed(made):
+        thing.close()
 
 
 def backend_for(path, servers, serve=None, read_only=False, **kw):
@@ -354,6 +359,7 @@ def backend_for(path, servers, serve=None, read_only=False, **kw):
     servers.append(server)
     backend = NbdBackend(path, "disk0", read_only)
     backend.open()
+    servers.append(backend)
     return server, backend
 
 
