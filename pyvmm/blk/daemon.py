@@ -166,7 +166,10 @@ def hold_qemu_locks(path: str, use: Sequence[str], unshare: Sequence[str]) -> in
     holds the locks until it is closed.  ConfigError if another process (a QEMU, a
     qemu-storage-daemon, a pyvmm) holds a conflicting one: QEMU's own check, after taking
     our locks as QEMU does, so that two starting at once cannot both win."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"disk image {path} cannot be opened: {e.strerror}") from e
     try:
         for name in use:
             _lock_byte(fd, RAW_LOCK_PERM_BASE + BLK_PERM[name])
@@ -200,9 +203,12 @@ def _opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+
+
 def _die_with_parent() -> None:
     """In the daemon's process before exec: SIGKILL it when pyvmm('s starting thread) dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class StorageDaemon:
@@ -321,7 +327,9 @@ class StorageDaemon:
 class QemuImageBackend:
     """A :class:`~pyvmm.blk.backend.BlockBackend` for an image of any format QEMU reads:
     a :class:`StorageDaemon` on it and an :class:`~pyvmm.blk.nbd.NbdBackend` to the daemon.
-    ``fmt`` None: ask :func:`image_format`."""
+    ``fmt`` None: ask :func:`image_format`.  Raw images work too, but belong to pyvmm's raw
+    backend (faster, and locked against other writers, which the daemon's export is not).
+    The server's mistakes are counted in ``nbd.errors``."""
 
     def __init__(self, path: str | os.PathLike, fmt: str | None = None,
                  read_only: bool = False) -> None:

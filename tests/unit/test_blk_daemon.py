@@ -9,7 +9,6 @@ import hashlib
 import os
 import select
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -196,7 +195,8 @@ def test_a_daemon_that_cannot_start_is_a_config_error_and_leaves_nothing(tmp_pat
         return argv[:at] + ["--blockdev", "driver=no-such-driver,node-name=x"] + argv[at:]
     monkeypatch.setattr(StorageDaemon, "command", bad_option_before_the_monitor)
     with pytest.raises(ConfigError, match=r"qemu-storage-daemon cannot serve .*disk.qcow2 as "
-                                          r"qcow2: .*'driver' does not accept value 'no-such-driver'"):
+                                          r"qcow2: .*'driver' does not accept value "
+                                          r"'no-such-driver'"):
         opened(image)
     with pytest.raises(ConfigError, match="not an image format name"):
         StorageDaemon(image, "qcow2,file.filename=/etc/passwd", False)

@@ -109,7 +109,8 @@ def test_an_error_reply_with_control_characters_is_made_printable():
 
 
 def _block_size(minimum, preferred, maximum):
-    return info_reply(INFO_BLOCK_SIZE.pack(NbdInfo.NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum))
+    return info_reply(INFO_BLOCK_SIZE.pack(NbdInfo.NBD_INFO_BLOCK_SIZE, minimum, preferred,
+                                           maximum))
 
 
 @pytest.mark.parametrize("server_says,reason", [
@@ -260,7 +261,7 @@ def test_requests_refused_without_asking_the_server():
     assert results == [errno.EROFS, errno.EROFS, 0]
 
 
-# -- NbdBackend against fake servers ----------------------------------------------------------------
+# -- NbdBackend against fake servers ------------------------------------------------------------
 
 def recv_exact(conn, n: int) -> bytes:
     out = bytearray()
