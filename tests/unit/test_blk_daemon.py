@@ -263,3 +263,68 @@ def test_a_base_someone_is_writing_is_refused(tmp_path):
     finally:
         writer.stop()
     opened(overlay).close()
+
+
+KILLED_AFTER = textwrap.dedent("""
+    import sys
+    from pyvmm.blk.backend import BlockOp, BlockRequest
+    from pyvmm.blk.daemon import QemuImageBackend
+    backend = QemuImageBackend(sys.argv[1])
+    backend.open()
+    pattern = bytes(range(256)) * 4096                      # 1 MiB
+    batch = [BlockRequest(BlockOp.WRITE, 3 << 20, len(pattern), [memoryview(pattern)])]
+    if sys.argv[2] == "flush":
+        batch.append(BlockRequest(BlockOp.FLUSH))
+    assert backend.execute(batch) == [0] * len(batch)
+    print(backend.daemon.process.pid, backend.daemon.directory, flush=True)
+    sys.stdin.read()
+""")
+
+
+def run_and_sigkill(image, mode: str) -> None:
+    """Write 1 MiB through a pyvmm process (and flush it if ``mode`` says so), SIGKILL that
+    process, and wait until its daemon is gone too."""
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_AFTER, str(image), mode],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pid, directory = parent.stdout.readline().split()
+        daemon = os.pidfd_open(int(pid))
+        parent.kill()
+        parent.wait()
+        ready, _, _ = select.select([daemon], [], [], 30)
+        os.close(daemon)
+        assert ready, "the daemon outlived pyvmm"
+        shutil.rmtree(directory)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def test_what_was_flushed_survives_sigkill_of_pyvmm_and_its_daemon(tmp_path):
+    """qcow2 keeps new cluster mappings in the daemon's memory until a flush: the flush
+    must reach the image (NBD_CMD_FLUSH -> the qcow2 driver -> fdatasync) before it is
+    answered, so what the guest flushed is there after both processes are SIGKILLed."""
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", str(image), "8M")
+    run_and_sigkill(image, "flush")
+    subprocess.run(["qemu-img", "check", str(image)], check=True, capture_output=True)
+    backend = opened(image)
+    assert read(backend, 3 * MiB, MiB) == bytes(range(256)) * 4096
+    backend.close()
+
+
+def test_a_daemon_that_ignores_sigterm_is_killed_after_the_bound(tmp_path, monkeypatch):
+    import pyvmm.blk.daemon as daemon_module
+    monkeypatch.setattr(daemon_module, "DAEMON_STOP_TIMEOUT", 0.2)
+    daemon = StorageDaemon(tmp_path / "disk.qcow2", "qcow2", False)
+    daemon.process = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                               " print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    process = daemon.process
+    assert process.stdout.readline() == "ready\n"          # SIGTERM is ignored from here on
+    daemon.stop()
+    assert process.returncode == -9                          # SIGKILL after the 0.2 s
+    process.stdin.close()
+    process.stdout.close()
