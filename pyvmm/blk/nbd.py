@@ -526,6 +526,8 @@ def plan(batch: Sequence[BlockRequest], export: NbdExport,
 
 
 def _waves(commands: list[NbdCommand]) -> list[list[NbdCommand]]:
+    """Cut ``commands`` where the server's freedom to reorder could change the result: before
+    a FLUSH, and before a request overlapping one of the wave when either writes."""
     waves: list[list[NbdCommand]] = []
     wave: list[NbdCommand] = []
     for command in commands:
@@ -547,7 +549,11 @@ def _waves(commands: list[NbdCommand]) -> list[list[NbdCommand]]:
 class NbdBackend:
     """A :class:`~pyvmm.blk.backend.BlockBackend` on an NBD export reached through the Unix
     socket ``socket_path`` (module docstring).  ``read_only``: never write, even if the
-    export is writable; a read-only export asked for read-write is a ConfigError."""
+    export is writable; a read-only export asked for read-write is a ConfigError.
+
+    As the seam says: :meth:`open` on the machine's thread (blocking, at most
+    :data:`NBD_HANDSHAKE_TIMEOUT`), :meth:`execute` on the I/O loop thread (at most
+    :data:`NBD_REPLY_TIMEOUT` per batch), :meth:`close` once the loop has stopped."""
 
     def __init__(self, socket_path: str, export_name: str, read_only: bool) -> None:
         self.socket_path = str(socket_path)
@@ -654,6 +660,10 @@ class NbdBackend:
                     pass
 
     def _run_wave(self, wave: list[NbdCommand], results: list[int], deadline: float) -> None:
+        """Send every request of ``wave`` and take every reply, in one poll loop: the socket
+        is written while it takes bytes and read while replies arrive, so neither side waits
+        for the other.  Each reply completes its command (:meth:`_complete`); anything that
+        breaks the stream raises NbdProtocolError (or OSError from the socket)."""
         if self.failed is not None:
             raise NbdProtocolError(self.failed)
         sock = self._sock
