@@ -25,9 +25,10 @@ The daemon, for ``disk.qcow2`` read-write::
   wait"), connects to it at once (the connection waits in the backlog) and reads QMP's
   greeting.  The daemon sets itself up option by option, in order, and the monitor comes
   *last*: it exists, and can greet, only once the image is open, the NBD server listens
-  and the export is there.  (Seen: the daemon may accept a connection while it still
-  processes options -- opening an image runs its event loop -- so "last" matters; the man
-  page's promise is about --pidfile.)  If the daemon fails, it exits, the only listening
+  and the export is there.  "Last" matters: seen, a greeting arrived before an option
+  placed after the monitor failed (QMP monitors do their I/O on a thread of their own, so
+  the greeting does not wait for the options that follow; the man page's promise of
+  "started" is about --pidfile).  If the daemon fails, it exits, the only listening
   descriptor goes with it and the read ends at once; its stderr says why.
 * **Locking**: QEMU's defaults (``locking=auto``: OFD locks on the image).  A format driver
   (qcow2, vmdk, ...) takes the WRITE permission on its file and shares it with nobody, so an
