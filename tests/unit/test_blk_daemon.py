@@ -328,3 +328,17 @@ def test_a_daemon_that_ignores_sigterm_is_killed_after_the_bound(tmp_path, monke
     assert process.returncode == -9                          # SIGKILL after the 0.2 s
     process.stdin.close()
     process.stdout.close()
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx", "vpc", "qed"])
+def test_every_format_round_trips_and_keeps_its_data(tmp_path, fmt):
+    image = tmp_path / f"disk.{fmt}"
+    qemu_img("create", "-f", fmt, str(image), "8M")
+    backend = opened(image)
+    assert backend.fmt == fmt and backend.size >= 8 * MiB
+    data = bytes(range(256)) * 256                           # 64 KiB
+    assert backend.execute([write(2 * MiB, data), BlockRequest(BlockOp.FLUSH)]) == [0, 0]
+    backend.close()
+    again = opened(image)
+    assert read(again, 2 * MiB, len(data)) == data
+    again.close()
