@@ -21,6 +21,8 @@ export PYVMM_CACHE ?= $(HOME)/.cache/pyvmm
 # fails if one comes from neither this list nor the base system (Essential or Priority:
 # required), or if a name here could be dropped: a tool installed by hand on a development
 # machine cannot hide a missing install step.
+# qemu-system-x86 brings qemu-system-common, whose qemu-storage-daemon serves the disk images
+# that are not raw (pyvmm/blk/daemon.py); qemu-utils has qemu-img, which tells their format.
 APT_PACKAGES := python3-venv build-essential linux-source-6.1 linux-source-6.12 bc bison flex \
 	libelf-dev libssl-dev busybox-static qemu-system-x86 qemu-utils socat kmod zstd shfmt
 
