@@ -83,6 +83,24 @@ def list_tests(output: str) -> dict[int, str]:
     return tests
 
 
+def merge_listings(*outputs: str) -> dict[int, str]:
+    """The test list from several guests' ``vsock_test --list`` (the same binary): their
+    union, which must number the tests 0, 1, ... without a gap and agree on every name.
+    Asking more than one guest means a line lost on one console (a kernel message
+    written into the middle of it, say) cannot drop a test from the judgement unseen;
+    anything still missing or contradictory fails loudly."""
+    tests: dict[int, str] = {}
+    for output in outputs:
+        for n, name in list_tests(output).items():
+            if tests.setdefault(n, name) != name:
+                raise AssertionError(f"vsock_test --list disagrees on test {n}: "
+                                     f"{tests[n]!r} and {name!r}")
+    if not tests or sorted(tests) != list(range(len(tests))):
+        raise AssertionError(f"vsock_test --list: ids {sorted(tests)} are not 0..N-1:\n"
+                             + "\n---\n".join(outputs))
+    return tests
+
+
 def relay_commands(server_cid: int) -> tuple[str, str]:
     """The relay in the server guest (vsock -> its control port) and in the client guest."""
     return (f"vsock-tcp-relay --from-vsock {RELAY_PORT} --to-tcp 127.0.0.1:{CONTROL_PORT}",
@@ -107,14 +125,16 @@ def wait_listening_command(port: int = CONTROL_PORT, seconds: int = 120) -> str:
 
 
 def run_all(server, client, binary: str, server_cid: int, client_cid: int,
-            tests: dict[int, str]) -> dict[int, Verdict]:
+            tests: dict[int, str], log=lambda text: None) -> dict[int, Verdict]:
     """Every test of ``tests`` with a verdict: run vsock_test on ``server`` and ``client``
     (:class:`harness.ShellGuest`), again after each failure with the decided tests skipped.
-    The relays must be running already (:func:`relay_commands`)."""
+    The relays must be running already (:func:`relay_commands`).  ``log`` gets each round's
+    command lines and, when it ends, both sides' output (a progress file to watch)."""
     verdicts: dict[int, Verdict] = {}
     while len(verdicts) < len(tests):
         skip = sorted(verdicts)
         srv_cmd, cli_cmd = vsock_test_commands(binary, server_cid, client_cid, skip)
+        log(f"round: server `{srv_cmd}`, client `{cli_cmd}`")
         srv = server.start(srv_cmd)
         ready = server.run(wait_listening_command())
         if ready.status != 0:
@@ -126,6 +146,8 @@ def run_all(server, client, binary: str, server_cid: int, client_cid: int,
         except AssertionError:          # blocked in a test whose client is gone: end it
             server.run(f"killall {binary}")
             srv.wait(60)
+        log(f"round ended: client status {cli.status}, server status {srv.status}\n"
+            f"--- client ---\n{cli.output}\n--- server ---\n{srv.output}")
         c, s = parse(cli.output), parse(srv.output)
         progressed = False
         # judge each test by both sides, in order: the first that is not ok on both failed

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -27,20 +26,12 @@ from harness import ShellGuest
 from pyvmm import images
 from pyvmm.machine import VsockConfig
 
-pytestmark = [
-    pytest.mark.e2e,
-    # Inside the full e2e session in the lab it did not finish within 20 minutes in the
-    # CI-equivalent run of 2026-11-30 (alone in the lab it took 6 minutes for all four):
-    # until that is understood (issue 13), it runs on request only.
-    pytest.mark.skipif(os.environ.get("PYVMM_CONFORMANCE") != "1",
-                       reason="vsock_test conformance runs on request: PYVMM_CONFORMANCE=1 "
-                              "(tests/lab/run --cpus 2 --timeout 2400 -- env PYVMM_CONFORMANCE=1 "
-                              ".venv/bin/python -m pytest tests/e2e/test_vsock_conformance.py)"),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.own_guests]
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFORMANCE = ROOT / "CONFORMANCE.md"
 RESULTS = ROOT / ".pytest-conformance.json"          # per generation, merged by each run
+PROGRESS = ROOT / ".pytest-conformance.log"           # what is happening, to watch from outside
 CIDS = (3, 4)
 GUEST_MEM = 128 << 20
 #: (generation, test name) -> why that vsock_test case cannot pass on our guest kernel
@@ -58,6 +49,12 @@ def _initrd(tmp: Path) -> Path:
     return out
 
 
+def _progress(text: str) -> None:
+    """Append ``text`` to :data:`PROGRESS` with the time (the lab's output comes at its end)."""
+    with open(PROGRESS, "a") as f:
+        f.write(f"[{datetime.datetime.now():%H:%M:%S}] {text}\n")
+
+
 @pytest.fixture(scope="module", params=sorted(GENERATIONS))
 def pair(request, tmp_path_factory):
     """Two guests of one generation in one group, their relays' binaries checked."""
@@ -68,11 +65,13 @@ def pair(request, tmp_path_factory):
     guests = [ShellGuest(kernel, initrd=initrd, cpus=1, mem=GUEST_MEM, timeout=3600,
                          vsock=VsockConfig(cid, None, group=str(tmp / "group")))
               for cid in CIDS]
+    _progress(f"{gen}: booting two guests (CIDs {CIDS})")
     with guests[0], guests[1]:
         for g in guests:
             g.wait_ready()
             up = g.run("ip link set lo up")         # the control channel's TCP is loopback
             assert up.status == 0, up.output
+        _progress(f"{gen}: both guests ready")
         yield gen, guests
 
 
@@ -82,14 +81,13 @@ def test_vsock_test(pair, server_index, record_property):
     server, client = guests[server_index], guests[1 - server_index]
     server_cid, client_cid = CIDS[server_index], CIDS[1 - server_index]
     binary = f"vsock_test-{gen}"
-    listing = server.run(f"{binary} --list")
-    tests = vt.list_tests(listing.output)
-    assert tests, listing.output
+    tests = vt.merge_listings(*(g.run(f"{binary} --list").output for g in (server, client)))
     srv_relay, cli_relay = vt.relay_commands(server_cid)
     relays = [server.start_server(srv_relay, "vsock-tcp-relay: listening"),
               client.start_server(cli_relay, "vsock-tcp-relay: listening")]
     try:
-        verdicts = vt.run_all(server, client, binary, server_cid, client_cid, tests)
+        verdicts = vt.run_all(server, client, binary, server_cid, client_cid, tests,
+                              log=lambda text: _progress(f"{gen} {server_cid}->{client_cid}: {text}"))
         direction = f"server CID {server_cid}, client CID {client_cid}"
         _record(gen, direction, tests, verdicts)
     finally:

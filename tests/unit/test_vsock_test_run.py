@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import vsock_test_run as vt
 
 
@@ -81,3 +83,13 @@ def test_the_runs_trailer_after_the_last_verdict_is_not_a_failure():
     out = "10 - SOCK_STREAM poll() + SO_RCVLOWAT...ok\nAll tests have been executed. Waiting other peer...ok\n"
     p = vt.parse(out)
     assert p.died_in is None and (p.verdicts[10].outcome, p.verdicts[10].detail) == ("pass", "")
+
+
+def test_a_line_lost_on_one_console_is_taken_from_the_other_and_a_gap_fails():
+    full = "ID\tTest name\n0\tSOCK_STREAM connection reset\n1\tSOCK_STREAM bind only\n2\tSOCK_STREAM client close\n"
+    torn = full.replace("1\tSOCK_STREAM bind only\n", "[  9.1] hrtimer: ...\n")   # line lost
+    assert vt.merge_listings(torn, full) == vt.list_tests(full)
+    with pytest.raises(AssertionError, match="not 0..N-1"):
+        vt.merge_listings(full.replace("1\tSOCK_STREAM bind only\n", ""))
+    with pytest.raises(AssertionError, match="disagrees on test 2"):
+        vt.merge_listings(full, full.replace("client close", "server close"))
