@@ -39,7 +39,7 @@ The daemon, for ``disk.qcow2`` read-write::
   The same sharing reaches the backing files: the daemon opens them read-only but lets
   others write them (a backing file's parent shares WRITE, so QEMU lets its backing be
   written).  So pyvmm itself holds QEMU's locks on every backing file of the chain for the
-  daemon's life (:func:`hold_qemu_locks`: "I read it consistently, nobody may write or
+  daemon's life (:func:`pyvmm.blk.lock.hold_locks`: "I read it consistently, nobody may write or
   resize it"), and refuses to start when someone is writing one: a base under an overlay
   stays untouched.
 * **Flushes**: ``cache.direct`` and ``cache.no-flush`` stay at their defaults (off): data
@@ -65,14 +65,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 import time
@@ -81,11 +79,11 @@ from typing import Sequence
 
 from ..errors import ConfigError
 from .backend import BlockRequest
+from .lock import disk_perms, hold_locks, in_use
 from .nbd import NbdBackend
 
 __all__ = ["DAEMON_START_TIMEOUT", "DAEMON_STOP_TIMEOUT", "EXPORT_NAME", "QEMU_IMG_TIMEOUT",
-           "QemuImageBackend", "StorageDaemon", "hold_qemu_locks", "image_chain",
-           "image_format"]
+           "QemuImageBackend", "StorageDaemon", "image_chain", "image_format"]
 
 #: seconds qemu-img info may take
 QEMU_IMG_TIMEOUT = 30.0
@@ -141,62 +139,6 @@ def image_format(path: str | os.PathLike) -> str:
     """The format of the image at ``path`` ("raw", "qcow2", "vmdk", ...), after checking
     that its whole backing chain opens (:func:`image_chain`)."""
     return image_chain(path)[0]["format"]
-
-
-# QEMU's image locks (block/file-posix.c): one byte per permission, locked F_RDLCK with an
-# OFD lock: byte RAW_LOCK_PERM_BASE + bit while the permission is used, byte
-# RAW_LOCK_SHARED_BASE + bit while it is *not* shared with others.  A permission may be taken
-# when nobody holds its "not shared" byte; it may be unshared when nobody holds its "used" byte.
-RAW_LOCK_PERM_BASE = 100
-RAW_LOCK_SHARED_BASE = 200
-#: QEMU's BLK_PERM_* bit numbers (include/block/block-common.h) and their names in its messages
-BLK_PERM = {"consistent read": 0, "write": 1, "write unchanged": 2, "resize": 3}
-_FLOCK = "hhqqi4x"                      # struct flock: l_type, l_whence, l_start, l_len, l_pid
-
-
-def _lock_conflict(fd: int, byte: int) -> bool:
-    """Does another open file hold a lock on ``byte`` (F_OFD_GETLK, as qemu_lock_fd_test)?"""
-    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
-    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
-    return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
-
-
-def hold_qemu_locks(path: str, use: Sequence[str], unshare: Sequence[str]) -> int:
-    """Open ``path`` read-only and lock it as a QEMU that uses the permissions ``use`` and
-    shares none of ``unshare`` (names from :data:`BLK_PERM`); return the descriptor, which
-    holds the locks until it is closed.  ConfigError if another process (a QEMU, a
-    qemu-storage-daemon, a pyvmm) holds a conflicting one: QEMU's own check, after taking
-    our locks as QEMU does, so that two starting at once cannot both win."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise ConfigError(f"disk image {path} cannot be opened: {e.strerror}") from e
-    try:
-        for name in use:
-            _lock_byte(fd, RAW_LOCK_PERM_BASE + BLK_PERM[name])
-        for name in unshare:
-            _lock_byte(fd, RAW_LOCK_SHARED_BASE + BLK_PERM[name])
-        for name in use:
-            if _lock_conflict(fd, RAW_LOCK_SHARED_BASE + BLK_PERM[name]):
-                raise ConfigError(f"disk image {path} is in use by another process (a QEMU, "
-                                  f"qemu-storage-daemon or pyvmm): it does not share "
-                                  f"{name!r} access")
-        for name in unshare:
-            if _lock_conflict(fd, RAW_LOCK_PERM_BASE + BLK_PERM[name]):
-                raise ConfigError(f"disk image {path} is in use by another process (a QEMU, "
-                                  f"qemu-storage-daemon or pyvmm) with {name!r} access")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _lock_byte(fd: int, byte: int) -> None:
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET,
-                                                       byte, 1, 0))
-    except OSError as e:                 # only a write lock conflicts with ours; QEMU takes none
-        raise ConfigError(f"cannot lock byte {byte} of a disk image: {e.strerror}") from e
 
 
 def _opt(value: str) -> str:
@@ -258,8 +200,7 @@ class StorageDaemon:
     def _start(self) -> None:
         chain = [] if self.fmt == "raw" else image_chain(self.path, self.fmt)
         for backing in chain[1:]:
-            self._backing_locks.append(hold_qemu_locks(
-                backing["filename"], use=["consistent read"], unshare=["write", "resize"]))
+            self._backing_locks.append(hold_locks(backing["filename"], *disk_perms(read_only=True)))
         self.directory = tempfile.mkdtemp(prefix="pyvmm-qsd-")       # mode 0700
         self.socket_path = os.path.join(self.directory, "nbd.sock")
         qmp_path = os.path.join(self.directory, "qmp.sock")
@@ -302,8 +243,7 @@ class StorageDaemon:
         text = Path(self.directory, "stderr").read_bytes().decode("utf-8", "replace")
         message = " ".join(text.split())[:_STDERR_QUOTE] or f"exit {self.process.returncode}"
         if re.search(r'Failed to get (shared )?"\w+" lock', text):
-            return ConfigError(f"disk image {self.path} is in use by another process (a QEMU, "
-                               f"qemu-storage-daemon or pyvmm): {message}")
+            return in_use(self.path, f"qemu-storage-daemon: {message}")
         return ConfigError(f"qemu-storage-daemon cannot serve {self.path} as {self.fmt}: "
                            f"{message}")
 

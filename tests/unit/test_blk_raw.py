@@ -13,6 +13,7 @@ import pytest
 
 from blk_guest import make_image
 from pyvmm.blk import detect_format, open_backend
+from pyvmm.blk import lock as lock_mod
 from pyvmm.blk import raw as raw_mod
 from pyvmm.blk.backend import BlockOp, BlockRequest
 from pyvmm.blk.raw import RawBackend
@@ -225,8 +226,8 @@ def test_a_write_lock_by_a_third_party_is_refused(image):
     import fcntl
     fd = os.open(image, os.O_RDWR)
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, raw_mod._FLOCK.pack(fcntl.F_WRLCK, 0, 100, 1, 0))
-        with pytest.raises(ConfigError, match="a write lock on byte 100"):
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, lock_mod._FLOCK.pack(fcntl.F_WRLCK, 0, 100, 1, 0))
+        with pytest.raises(ConfigError, match="a write lock on byte 100, the consistent read byte"):
             _open(image, True)
     finally:
         os.close(fd)
