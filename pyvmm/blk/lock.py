@@ -35,8 +35,8 @@ from enum import IntFlag
 
 from ..errors import ConfigError
 
-__all__ = ["BlkPerm", "RAW_LOCK_PERM_BASE", "RAW_LOCK_SHARED_BASE", "disk_perms", "hold_locks",
-           "in_use", "lock_conflict"]
+__all__ = ["BlkPerm", "NOT_SHARED", "PERM_NAMES", "RAW_LOCK_PERM_BASE", "RAW_LOCK_SHARED_BASE",
+           "disk_perms", "hold_locks", "in_use", "lock_conflict"]
 
 #: QEMU block/file-posix.c: "Libvirt takes byte 0, we start from higher bytes"
 RAW_LOCK_PERM_BASE = 100
