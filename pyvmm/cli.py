@@ -155,10 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "in the group is refused)")
     run.add_argument("--disk", type=parse_disk, action="append", default=[],
                      metavar="PATH[,ro][,cache=writeback|none][,serial=ID]",
-                     help="a virtio-blk disk backed by the raw image PATH; repeat for more "
-                     "(the guest's vda, vdb, ... in this order); ro: read-only (the file is "
-                     "never opened for writing); cache=none: O_DIRECT; serial: the disk's ID, "
-                     "at most 20 characters. An image in use by another pyvmm or QEMU is refused")
+                     help="a virtio-blk disk backed by the image PATH; repeat for more "
+                     "(the guest's vda, vdb, ... in this order). A raw image is served "
+                     "directly; any other format qemu-img knows (qcow2, vmdk, vhdx, ...) "
+                     "through qemu-storage-daemon over NBD on a private Unix socket. ro: "
+                     "read-only (the file is never opened for writing); cache=none: O_DIRECT "
+                     "(for a non-raw image the daemon's cache.direct=on); serial: the disk's "
+                     "ID, at most 20 characters. An image in use by another pyvmm or QEMU is "
+                     "refused")
     run.add_argument("--vcpu-affinity", metavar="CPUS", help="host CPUs for the vCPU threads, "
                      "a list like 0, 1-3 or 0,2 (default: not pinned)")
     run.add_argument("--io-affinity", metavar="CPUS", help="host CPUs for the device threads "

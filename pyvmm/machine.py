@@ -141,11 +141,19 @@ class VsockConfig:
 
 @dataclass
 class DiskConfig:
-    """One ``--disk PATH[,ro][,cache=writeback|none][,serial=ID]``: a virtio-blk device."""
+    """One ``--disk PATH[,ro][,cache=writeback|none][,serial=ID]``: a virtio-blk device.
+
+    A raw image is served by pyvmm itself; any other format (qcow2, vmdk, ...) by a
+    ``qemu-storage-daemon`` that the Machine starts while it is built
+    (:func:`pyvmm.blk.open_backend`) and stops when it is closed.  That daemon is killed
+    when the *thread* that built the Machine ends (``PR_SET_PDEATHSIG``, so that it never
+    outlives pyvmm): build such a Machine on the main thread, or on a thread that lives
+    until the Machine is closed.  The CLI builds it on the main thread."""
     path: str
     #: the image is opened O_RDONLY and the guest sees VIRTIO_BLK_F_RO
     read_only: bool = False
-    #: "writeback" (host page cache) or "none" (O_DIRECT where the file system allows)
+    #: "writeback" (host page cache) or "none" (O_DIRECT where the file system allows;
+    #: for an image behind the storage daemon, its cache.direct=on)
     cache: str = "writeback"
     #: what VIRTIO_BLK_T_GET_ID answers (/sys/block/vdX/serial): at most 20 ASCII bytes
     serial: str | None = None
@@ -336,7 +344,9 @@ class Machine:
             from .blk import open_backend
             from .blk.device import BlkDevice
             for disk in cfg.disks:
-                backend = open_backend(disk)        # opened and locked: ConfigError
+                # opened and locked (a daemon started), or ConfigError with nothing left
+                # open; from here on any failure of the build closes it (self.close())
+                backend = open_backend(disk)
                 self._closers.append(backend.close)
                 self.blk_devices.append(BlkDevice(backend, serial=disk.serial))
             devices += self.blk_devices

@@ -313,6 +313,24 @@ def listen_unix(path: str, kind=socket.SOCK_STREAM, timeout: float = 60) -> sock
     return s
 
 
+def host_processes() -> list[tuple[int, str, int, int]]:
+    """``(pid, comm, ppid, session)`` of every process on the host, from /proc (no psutil);
+    comm is the kernel's, cut at 15 characters."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:                                  # gone meanwhile
+            continue
+        comm_end = stat.rindex(")")                      # comm may hold spaces and parentheses
+        fields = stat[comm_end + 2:].split()             # state, ppid, pgrp, session, ...
+        out.append((int(entry), stat[:comm_end].split("(", 1)[1], int(fields[1]), int(fields[3])))
+    return out
+
+
 def recv_all(s: socket.socket, limit: int = 1 << 30) -> bytes:
     """Read until EOF (or ``limit`` bytes)."""
     out = bytearray()

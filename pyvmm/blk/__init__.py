@@ -8,6 +8,9 @@ carries them out.
 * :mod:`~pyvmm.blk.wire` -- the guest-visible layout (config, header, segments, numbers).
 * :mod:`~pyvmm.blk.device` -- ``BlkDevice``: the queue, the checks, the batches.
 * :mod:`~pyvmm.blk.raw` -- ``RawBackend``: a raw image with preadv/pwritev, QEMU's locks.
+* :mod:`~pyvmm.blk.lock` -- QEMU's image lock bytes (used by both backends).
+* :mod:`~pyvmm.blk.nbd`, :mod:`~pyvmm.blk.daemon` -- ``QemuImageBackend``: every other
+  format through ``qemu-storage-daemon``, spoken to over NBD on a private Unix socket.
 * :func:`open_backend` -- the one place that decides which backend serves a ``--disk``.
 """
 
@@ -52,15 +55,31 @@ def detect_format(path: str) -> str:
 
 def open_backend(disk):
     """The opened backend for ``disk`` (a :class:`pyvmm.machine.DiskConfig`: ``path``,
-    ``read_only``, ``cache``): raw images are served by
-    :class:`~pyvmm.blk.raw.RawBackend`; any other format will be served by QEMU's
-    storage daemon over NBD, which is not wired yet (ConfigError).  Raises
-    ConfigError if the image cannot be used (missing, in use, ...)."""
-    fmt = detect_format(disk.path)
-    if fmt != "raw":
-        raise ConfigError(f"disk {disk.path}: a {fmt} image; pyvmm serves raw images itself, and "
-                          "the qemu-storage-daemon (NBD) path for other formats is not wired yet")
-    from .raw import RawBackend
-    backend = RawBackend(disk.path, read_only=disk.read_only, cache=disk.cache)
-    backend.open()
+    ``read_only``, ``cache``).  Raw images (:func:`detect_format` finds no other format's
+    magic) are served by :class:`~pyvmm.blk.raw.RawBackend`; any other format by QEMU's
+    storage daemon over NBD (:class:`~pyvmm.blk.daemon.QemuImageBackend`), under the name
+    ``qemu-img info`` gives it (:func:`~pyvmm.blk.daemon.image_format`, which also checks
+    that its backing chain opens).  Raises ConfigError if the image cannot be used
+    (missing, in use, a chain that does not open, another format's magic on what
+    qemu-img reads as raw, qemu-img or qemu-storage-daemon not installed: the message
+    names the Debian package); nothing is left running then.
+
+    The storage daemon is started by the calling thread and dies with it
+    (``PR_SET_PDEATHSIG``): call this on a thread that outlives the disk, as
+    :class:`pyvmm.machine.Machine` does when it is built on the main thread."""
+    magic = detect_format(disk.path)
+    fmt = magic
+    if magic != "raw":
+        from .daemon import image_format
+        fmt = image_format(disk.path)           # qemu-img's name for it ("qcow" or "qcow2", ...)
+        if fmt == "raw":                        # a damaged header: neither guess is safe
+            raise ConfigError(f"disk {disk.path} starts with the {magic} magic but qemu-img "
+                              "reads it as raw (a damaged image?): refused rather than guessed")
+    if fmt == "raw":
+        from .raw import RawBackend
+        backend = RawBackend(disk.path, read_only=disk.read_only, cache=disk.cache)
+    else:
+        from .daemon import QemuImageBackend
+        backend = QemuImageBackend(disk.path, fmt, read_only=disk.read_only, cache=disk.cache)
+    backend.open()                              # closes itself if it fails
     return backend

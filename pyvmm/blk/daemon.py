@@ -39,13 +39,18 @@ The daemon, for ``disk.qcow2`` read-write::
   The same sharing reaches the backing files: the daemon opens them read-only but lets
   others write them (a backing file's parent shares WRITE, so QEMU lets its backing be
   written).  So pyvmm itself holds QEMU's locks on every backing file of the chain for the
-  daemon's life (:func:`hold_qemu_locks`: "I read it consistently, nobody may write or
+  daemon's life (:func:`pyvmm.blk.lock.hold_locks`: "I read it consistently, nobody may write or
   resize it"), and refuses to start when someone is writing one: a base under an overlay
   stays untouched.
-* **Flushes**: ``cache.direct`` and ``cache.no-flush`` stay at their defaults (off): data
-  goes through the host's page cache and NBD_CMD_FLUSH reaches the qcow2 driver's flush
-  (its metadata caches) and then ``fdatasync`` on the image file (file-posix
-  ``handle_aiocb_flush``).  ``discard=unmap`` lets TRIM and WRITE_ZEROES without
+* **Flushes and cache**: ``cache.no-flush`` stays off and ``cache.direct`` at its default
+  (off) for ``cache="writeback"``: data goes through the host's page cache and
+  NBD_CMD_FLUSH reaches the qcow2 driver's flush (its metadata caches) and then
+  ``fdatasync`` on the image file (file-posix ``handle_aiocb_flush``).  ``cache="none"``
+  (``--disk ...,cache=none``) puts ``cache.direct=on`` on both nodes, so the image file is
+  opened ``O_DIRECT`` and its backing files too (QEMU's backing files inherit
+  ``cache.direct`` from their parent: ``bdrv_backing_options``); QEMU aligns the requests
+  itself.  As with raw images, a file system without O_DIRECT makes ``cache=none`` act as
+  ``writeback``, with a logged note.  ``discard=unmap`` lets TRIM and WRITE_ZEROES without
   NBD_CMD_FLAG_NO_HOLE deallocate (the default, ``ignore``, would drop every discard).
 * **Stopping**: SIGTERM (the daemon flushes and closes its images), at most
   :data:`DAEMON_STOP_TIMEOUT` seconds, then SIGKILL.  The daemon also dies with pyvmm:
@@ -65,14 +70,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
+import logging
 import os
 import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 import time
@@ -81,11 +85,13 @@ from typing import Sequence
 
 from ..errors import ConfigError
 from .backend import BlockRequest
+from .lock import disk_perms, hold_locks, in_use
 from .nbd import NbdBackend
 
 __all__ = ["DAEMON_START_TIMEOUT", "DAEMON_STOP_TIMEOUT", "EXPORT_NAME", "QEMU_IMG_TIMEOUT",
-           "QemuImageBackend", "StorageDaemon", "hold_qemu_locks", "image_chain",
-           "image_format"]
+           "QemuImageBackend", "StorageDaemon", "image_chain", "image_format"]
+
+logger = logging.getLogger("pyvmm.blk")
 
 #: seconds qemu-img info may take
 QEMU_IMG_TIMEOUT = 30.0
@@ -143,62 +149,6 @@ def image_format(path: str | os.PathLike) -> str:
     return image_chain(path)[0]["format"]
 
 
-# QEMU's image locks (block/file-posix.c): one byte per permission, locked F_RDLCK with an
-# OFD lock: byte RAW_LOCK_PERM_BASE + bit while the permission is used, byte
-# RAW_LOCK_SHARED_BASE + bit while it is *not* shared with others.  A permission may be taken
-# when nobody holds its "not shared" byte; it may be unshared when nobody holds its "used" byte.
-RAW_LOCK_PERM_BASE = 100
-RAW_LOCK_SHARED_BASE = 200
-#: QEMU's BLK_PERM_* bit numbers (include/block/block-common.h) and their names in its messages
-BLK_PERM = {"consistent read": 0, "write": 1, "write unchanged": 2, "resize": 3}
-_FLOCK = "hhqqi4x"                      # struct flock: l_type, l_whence, l_start, l_len, l_pid
-
-
-def _lock_conflict(fd: int, byte: int) -> bool:
-    """Does another open file hold a lock on ``byte`` (F_OFD_GETLK, as qemu_lock_fd_test)?"""
-    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
-    answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
-    return struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK
-
-
-def hold_qemu_locks(path: str, use: Sequence[str], unshare: Sequence[str]) -> int:
-    """Open ``path`` read-only and lock it as a QEMU that uses the permissions ``use`` and
-    shares none of ``unshare`` (names from :data:`BLK_PERM`); return the descriptor, which
-    holds the locks until it is closed.  ConfigError if another process (a QEMU, a
-    qemu-storage-daemon, a pyvmm) holds a conflicting one: QEMU's own check, after taking
-    our locks as QEMU does, so that two starting at once cannot both win."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise ConfigError(f"disk image {path} cannot be opened: {e.strerror}") from e
-    try:
-        for name in use:
-            _lock_byte(fd, RAW_LOCK_PERM_BASE + BLK_PERM[name])
-        for name in unshare:
-            _lock_byte(fd, RAW_LOCK_SHARED_BASE + BLK_PERM[name])
-        for name in use:
-            if _lock_conflict(fd, RAW_LOCK_SHARED_BASE + BLK_PERM[name]):
-                raise ConfigError(f"disk image {path} is in use by another process (a QEMU, "
-                                  f"qemu-storage-daemon or pyvmm): it does not share "
-                                  f"{name!r} access")
-        for name in unshare:
-            if _lock_conflict(fd, RAW_LOCK_PERM_BASE + BLK_PERM[name]):
-                raise ConfigError(f"disk image {path} is in use by another process (a QEMU, "
-                                  f"qemu-storage-daemon or pyvmm) with {name!r} access")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _lock_byte(fd: int, byte: int) -> None:
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, fcntl.F_RDLCK, os.SEEK_SET,
-                                                       byte, 1, 0))
-    except OSError as e:                 # only a write lock conflicts with ours; QEMU takes none
-        raise ConfigError(f"cannot lock byte {byte} of a disk image: {e.strerror}") from e
-
-
 def _opt(value: str) -> str:
     """A value inside a QEMU option string: commas are doubled."""
     return value.replace(",", ",,")
@@ -212,18 +162,37 @@ def _die_with_parent() -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _has_direct_io(path: str) -> bool:
+    """Can ``path`` be opened O_DIRECT?  False (logged) where its file system says EINVAL."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC))
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise ConfigError(f"disk {path}: cannot open with O_DIRECT: {e.strerror}") from None
+        logger.info("disk %s: the file system does not support O_DIRECT; cache=none acts as "
+                    "cache=writeback", path)
+        return False
+    return True
+
+
 class StorageDaemon:
     """One ``qemu-storage-daemon`` exporting ``path`` (format ``fmt``) over NBD as
     :data:`EXPORT_NAME` on :attr:`socket_path` (module docstring).  A context manager;
     :meth:`start` returns once the export is ready or raises ConfigError; :meth:`stop` is
     idempotent and safe after a failed start."""
 
-    def __init__(self, path: str | os.PathLike, fmt: str, read_only: bool) -> None:
+    def __init__(self, path: str | os.PathLike, fmt: str, read_only: bool,
+                 cache: str = "writeback") -> None:
         if not _FORMAT_NAME.match(fmt):
             raise ConfigError(f"{fmt!r} is not an image format name")
+        if cache not in ("writeback", "none"):
+            raise ConfigError(f"disk {path}: cache={cache!r}: expected writeback or none")
         self.path = os.path.abspath(path)
         self.fmt = fmt
         self.read_only = read_only
+        self.cache = cache
+        #: cache.direct=on (cache="none" where the file system has O_DIRECT)
+        self.direct = False
         self.directory: str | None = None
         self.socket_path: str | None = None
         self.process: subprocess.Popen | None = None
@@ -238,6 +207,8 @@ class StorageDaemon:
 
     def command(self, qmp_fd: int) -> list[str]:
         ro = ",read-only=on" if self.read_only else ",discard=unmap"
+        if self.direct:
+            ro += ",cache.direct=on"
         return [_tool("qemu-storage-daemon"),
                 "--blockdev", f"driver=file,filename={_opt(self.path)},node-name=file0{ro}",
                 "--blockdev", f"driver={self.fmt},file=file0,node-name=disk0{ro}",
@@ -258,8 +229,8 @@ class StorageDaemon:
     def _start(self) -> None:
         chain = [] if self.fmt == "raw" else image_chain(self.path, self.fmt)
         for backing in chain[1:]:
-            self._backing_locks.append(hold_qemu_locks(
-                backing["filename"], use=["consistent read"], unshare=["write", "resize"]))
+            self._backing_locks.append(hold_locks(backing["filename"], *disk_perms(read_only=True)))
+        self.direct = self.cache == "none" and _has_direct_io(self.path)
         self.directory = tempfile.mkdtemp(prefix="pyvmm-qsd-")       # mode 0700
         self.socket_path = os.path.join(self.directory, "nbd.sock")
         qmp_path = os.path.join(self.directory, "qmp.sock")
@@ -302,8 +273,7 @@ class StorageDaemon:
         text = Path(self.directory, "stderr").read_bytes().decode("utf-8", "replace")
         message = " ".join(text.split())[:_STDERR_QUOTE] or f"exit {self.process.returncode}"
         if re.search(r'Failed to get (shared )?"\w+" lock', text):
-            return ConfigError(f"disk image {self.path} is in use by another process (a QEMU, "
-                               f"qemu-storage-daemon or pyvmm): {message}")
+            return in_use(self.path, f"qemu-storage-daemon: {message}")
         return ConfigError(f"qemu-storage-daemon cannot serve {self.path} as {self.fmt}: "
                            f"{message}")
 
@@ -330,13 +300,17 @@ class QemuImageBackend:
     a :class:`StorageDaemon` on it and an :class:`~pyvmm.blk.nbd.NbdBackend` to the daemon.
     ``fmt`` None: ask :func:`image_format`.  Raw images work too, but belong to pyvmm's raw
     backend (faster, and locked against other writers, which the daemon's export is not).
-    The server's mistakes are counted in ``nbd.errors``."""
+    ``cache``: "writeback" or "none" (``cache.direct=on``; :class:`StorageDaemon`).  The
+    server's mistakes are counted in ``nbd.errors``.  :meth:`open` starts the daemon: call it
+    on a thread that outlives the backend (the machine's main thread), since the daemon gets
+    SIGKILL when that thread ends (``PR_SET_PDEATHSIG``)."""
 
     def __init__(self, path: str | os.PathLike, fmt: str | None = None,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, cache: str = "writeback") -> None:
         self.path = os.path.abspath(path)
         self.fmt = fmt
         self.read_only = read_only
+        self.cache = cache
         self.size = 0
         self.supports_discard = False
         self.supports_write_zeroes = False
@@ -346,7 +320,7 @@ class QemuImageBackend:
     def open(self) -> None:
         try:
             fmt = self.fmt or image_format(self.path)
-            self.daemon = StorageDaemon(self.path, fmt, self.read_only)
+            self.daemon = StorageDaemon(self.path, fmt, self.read_only, self.cache)
             self.daemon.start()
             self.nbd = NbdBackend(self.daemon.socket_path, EXPORT_NAME, self.read_only)
             self.nbd.open()

@@ -36,19 +36,8 @@ A file system without O_DIRECT (tmpfs before Linux 6.6) makes ``cache=none``
 act as ``writeback``, with a logged note.  FLUSH is needed in both modes
 (O_DIRECT bypasses the page cache, not the disk's cache).
 
-Locking, as QEMU's ``block/file-posix.c`` (``raw_apply_lock_bytes``,
-``raw_check_lock_bytes``), so that pyvmm and QEMU (``qemu-system-*``,
-``qemu-img``, ``qemu-io``, ``qemu-storage-daemon``) refuse each other's
-images in use.  The locks are open-file-description locks (``F_OFD_SETLK``,
-shared ``F_RDLCK``, one byte each) held by the I/O descriptor until it is
-closed.  For each permission bit ``i`` (:class:`BlkPerm`)::
-
-    byte RAW_LOCK_PERM_BASE + i    (100 + i)  locked: "I use permission i"
-    byte RAW_LOCK_SHARED_BASE + i  (200 + i)  locked: "I do not let others use permission i"
-
-and an opener checks (``F_OFD_GETLK`` for a write lock) byte 200 + i for every
-permission it wants and byte 100 + i for every one it does not share.  pyvmm
-takes what a QEMU virtio-blk takes:
+Locking: QEMU's lock bytes on the I/O descriptor (:mod:`pyvmm.blk.lock`), so that pyvmm
+and QEMU refuse each other's images in use.  pyvmm takes what a QEMU virtio-blk takes:
 
 =========================  ========================  =====================================
 open                       uses (bytes locked)       does not share (bytes locked)
@@ -59,37 +48,31 @@ read-only                  CONSISTENT_READ (100)      WRITE, RESIZE (201, 203)
 =========================  ========================  =====================================
 
 so two read-only users coexist, a writer and anybody else do not.  A refused
-open is a :class:`~pyvmm.errors.ConfigError` naming the byte (an OFD lock has no
-owner pid to name).  QEMU's read-only tools (``qemu-img info``, ``qemu-io -r``)
-use only CONSISTENT_READ and share everything, so they can still read an image
-pyvmm holds, as they can one a running QEMU holds.
+open is a :class:`~pyvmm.errors.ConfigError` naming the byte and the permission.
+QEMU's read-only tools (``qemu-img info``, ``qemu-io -r``) use only
+CONSISTENT_READ and share everything, so they can still read an image pyvmm
+holds, as they can one a running QEMU holds.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import stat
-import struct
-from enum import IntFlag
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import ConfigError
 from .backend import BlockOp, BlockRequest
+from .lock import disk_perms, in_use, lock_conflict
 
-__all__ = ["BlkPerm", "DIRECT_IO_ALIGN", "RAW_LOCK_PERM_BASE", "RAW_LOCK_SHARED_BASE", "RawBackend",
-           "ZERO_CHUNK", "lock_conflict"]
+__all__ = ["DIRECT_IO_ALIGN", "RawBackend", "ZERO_CHUNK"]
 
 logger = logging.getLogger("pyvmm.blk")
 
-#: QEMU block/file-posix.c: "Libvirt takes byte 0, we start from higher bytes"
-RAW_LOCK_PERM_BASE = 100
-RAW_LOCK_SHARED_BASE = 200
 #: O_DIRECT: file offset, buffer address and length must be multiples of this (512: the
 #: sector; a device that needs more refuses with EINVAL and the request is done buffered)
 DIRECT_IO_ALIGN = 512
@@ -103,64 +86,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 #: fallocate errnos that mean "not on this file system": try the next way
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-#: struct flock (x86-64): short l_type, l_whence; off_t l_start, l_len; pid_t l_pid
-_FLOCK = struct.Struct("hhqqi4x")
-
-
-class BlkPerm(IntFlag):
-    """QEMU's block permissions (include/block/block-common.h), bit ``i`` <-> lock byte 100/200 + i."""
-    BLK_PERM_CONSISTENT_READ = 0x01
-    BLK_PERM_WRITE = 0x02
-    BLK_PERM_WRITE_UNCHANGED = 0x04
-    BLK_PERM_RESIZE = 0x08
-
-
-_PERM_NAMES = {BlkPerm.BLK_PERM_CONSISTENT_READ: "consistent read", BlkPerm.BLK_PERM_WRITE: "write",
-               BlkPerm.BLK_PERM_WRITE_UNCHANGED: "write unchanged", BlkPerm.BLK_PERM_RESIZE: "resize"}
-_NOT_SHARED = BlkPerm.BLK_PERM_WRITE | BlkPerm.BLK_PERM_RESIZE
-
-
-def _perms(read_only: bool) -> tuple[BlkPerm, BlkPerm]:
-    """(permissions used, permissions not shared) of a pyvmm open."""
-    used = BlkPerm.BLK_PERM_CONSISTENT_READ
-    if not read_only:
-        used |= BlkPerm.BLK_PERM_WRITE
-    return used, _NOT_SHARED
-
-
-def _lock_byte(fd: int, byte: int) -> None:
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
-
-
-def _byte_locked_by_others(fd: int, byte: int) -> bool:
-    """Would a write lock on ``byte`` conflict (with a lock of another open file)?"""
-    res = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
-    return _FLOCK.unpack(res)[0] != fcntl.F_UNLCK
-
-
-def lock_conflict(fd: int, read_only: bool) -> str | None:
-    """Take pyvmm's QEMU-style locks on ``fd`` and check others'; None if the image is
-    ours, else why not (the byte and what it means).  The locks stay with ``fd``."""
-    used, not_shared = _perms(read_only)
-    for perm in BlkPerm:
-        for base, wanted in ((RAW_LOCK_PERM_BASE, used), (RAW_LOCK_SHARED_BASE, not_shared)):
-            byte = base + perm.bit_length() - 1
-            if perm & wanted:
-                try:
-                    _lock_byte(fd, byte)
-                except OSError as e:        # somebody holds a write lock there (not QEMU)
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    return f"a write lock on byte {byte}"
-    for perm in BlkPerm:
-        i = perm.bit_length() - 1
-        if perm & used and _byte_locked_by_others(fd, RAW_LOCK_SHARED_BASE + i):
-            return (f"QEMU-style lock on byte {RAW_LOCK_SHARED_BASE + i}: another user does not "
-                    f"share {_PERM_NAMES[perm]} access")
-        if perm & not_shared and _byte_locked_by_others(fd, RAW_LOCK_PERM_BASE + i):
-            return (f"QEMU-style lock on byte {RAW_LOCK_PERM_BASE + i}: another user has "
-                    f"{_PERM_NAMES[perm]} access")
-    return None
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -249,9 +174,9 @@ class RawBackend:
         st = os.fstat(self.fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise ConfigError(f"{what}: not a regular file or block device")
-        conflict = lock_conflict(self.fd, self.read_only)
+        conflict = lock_conflict(self.fd, *disk_perms(self.read_only))
         if conflict is not None:
-            raise ConfigError(f"{what} is in use by another process ({conflict})")
+            raise in_use(self.path, conflict)
         size = os.lseek(self.fd, 0, os.SEEK_END)
         if size % 512:
             logger.warning("%s: size %d is not a multiple of 512; the last %d bytes are not "

@@ -7,6 +7,7 @@ that need KVM's own limits are marked ``kvm``.
 import argparse
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 
 import pytest
 
+from harness import host_processes
 from pyvmm import cli
 from pyvmm.errors import KvmError
 
@@ -203,21 +205,8 @@ def closed(s) -> bool:
 
 
 def session_members(sid: int) -> list[str]:
-    """``pid (comm)`` of every process still in session ``sid`` (from /proc: no psutil)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:                                  # gone meanwhile
-            continue
-        comm_end = stat.rindex(")")                      # comm may hold spaces and parentheses
-        fields = stat[comm_end + 2:].split()             # state, ppid, pgrp, session, ...
-        if int(fields[3]) == sid:
-            members.append(f"{entry} {stat[:comm_end + 1].split(' ', 1)[1]}")
-    return members
+    """``pid (comm)`` of every process still in session ``sid``."""
+    return [f"{pid} ({comm})" for pid, comm, _, session in host_processes() if session == sid]
 
 
 @pytest.mark.kvm
@@ -408,10 +397,10 @@ def test_disk_option_errors_are_one_line_and_exit_2(spec, message):
 
 
 @pytest.mark.kvm
-def test_a_disk_in_use_or_not_raw_is_refused_with_one_line(elf, tmp_path):
+def test_a_disk_in_use_or_unreadable_is_refused_with_one_line(elf, tmp_path):
     """The image is opened and locked while the machine is built: one in use by
     another process (here a pyvmm RawBackend in this process) is a bad request, and
-    so is a qcow2 image until the storage-daemon path is wired."""
+    so is an image with a qcow2 magic that qemu-img reads as raw (a damaged header)."""
     from pyvmm.blk.raw import RawBackend
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 20))
@@ -424,7 +413,10 @@ def test_a_disk_in_use_or_not_raw_is_refused_with_one_line(elf, tmp_path):
         holder.close()
     qcow2 = tmp_path / "disk.qcow2"
     qcow2.write_bytes(b"QFI\xfb" + bytes(508))
-    assert_one_line_error(pyvmm("run", "--kernel", elf, "--disk", str(qcow2)), "not wired yet")
+    assert_one_line_error(pyvmm("run", "--kernel", elf, "--disk", str(qcow2)),
+                          "starts with the qcow2 magic but qemu-img reads it as raw"
+                          if shutil.which("qemu-img") else
+                          "qemu-img is not installed (Debian package qemu-utils")
     assert_one_line_error(pyvmm("run", "--kernel", elf, "--disk", str(tmp_path / "missing.img")),
                           "No such file or directory")
 
