@@ -11,6 +11,7 @@ on stderr and exit status 2, never a traceback.  See
 from __future__ import annotations
 
 import argparse
+import re
 import contextlib
 import json                 # here, not when --metrics is written: at the fd limit an import fails
 import logging
@@ -99,10 +100,10 @@ def parse_vsock(text: str):
 
 
 def parse_disk(text: str):
-    """'PATH[,ro][,cache=writeback|none][,serial=ID]' -> DiskConfig (the path may not hold
-    a comma).  The image itself is checked when the machine is built."""
+    """'PATH[,ro][,cache=writeback|none][,serial=ID][,format=FMT]' -> DiskConfig (the path
+    may not hold a comma).  The image itself is checked when the machine is built."""
     from .machine import DiskConfig
-    usage = "expected PATH[,ro][,cache=writeback|none][,serial=ID]"
+    usage = "expected PATH[,ro][,cache=writeback|none][,serial=ID][,format=FMT]"
     path, *options = text.split(",")
     if not path:
         raise argparse.ArgumentTypeError(f"invalid --disk {text!r}: no path; {usage}")
@@ -118,6 +119,8 @@ def parse_disk(text: str):
                 f"invalid --disk {text!r}: cache must be writeback or none")
         elif key == "serial" and eq:
             disk.serial = value
+        elif key == "format" and re.fullmatch(r"[a-z0-9]+", value):
+            disk.format = value
         else:
             raise argparse.ArgumentTypeError(f"invalid --disk {text!r}: {usage}")
     return disk
@@ -154,14 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "DIR carry packets between their guests' CIDs (VM-to-VM; a CID already "
                      "in the group is refused)")
     run.add_argument("--disk", type=parse_disk, action="append", default=[],
-                     metavar="PATH[,ro][,cache=writeback|none][,serial=ID]",
+                     metavar="PATH[,ro][,cache=writeback|none][,serial=ID][,format=FMT]",
                      help="a virtio-blk disk backed by the image PATH; repeat for more "
                      "(the guest's vda, vdb, ... in this order). A raw image is served "
                      "directly; any other format qemu-img knows (qcow2, vmdk, vhdx, ...) "
                      "through qemu-storage-daemon over NBD on a private Unix socket. ro: "
                      "read-only (the file is never opened for writing); cache=none: O_DIRECT "
                      "(for a non-raw image the daemon's cache.direct=on); serial: the disk's "
-                     "ID, at most 20 characters. An image in use by another pyvmm or QEMU is "
+                     "ID, at most 20 characters; format: the image's format as qemu-img names "
+                     "it (default: probed; a probed raw image refuses guest writes of another "
+                     "format's magic to its start, as QEMU does). An image in use by another pyvmm or QEMU is "
                      "refused")
     run.add_argument("--vcpu-affinity", metavar="CPUS", help="host CPUs for the vCPU threads, "
                      "a list like 0, 1-3 or 0,2 (default: not pinned)")

@@ -157,6 +157,9 @@ class DiskConfig:
     cache: str = "writeback"
     #: what VIRTIO_BLK_T_GET_ID answers (/sys/block/vdX/serial): at most 20 ASCII bytes
     serial: str | None = None
+    #: the image format as qemu-img names it ("raw", "qcow2", ...); None: probed, and a
+    #: probed raw image refuses the guest's writes of a format magic (pyvmm.blk.open_backend)
+    format: str | None = None
 
 
 @dataclass

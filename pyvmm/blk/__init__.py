@@ -21,7 +21,7 @@ import stat
 
 from ..errors import ConfigError
 
-__all__ = ["IMAGE_MAGICS", "detect_format", "open_backend"]
+__all__ = ["IMAGE_MAGICS", "PROBE_BYTES", "detect_format", "format_of_head", "open_backend"]
 
 #: (offset, magic, format name as qemu-img says it) of the image formats pyvmm recognises
 #: cheaply; anything else is taken for raw
@@ -35,6 +35,16 @@ IMAGE_MAGICS = (
     (0x40, b"\x7f\x10\xda\xbe", "vdi"),
     (0, b"LUKS\xba\xbe", "luks"),
 )
+#: how much of an image's start :func:`format_of_head` looks at
+PROBE_BYTES = max(offset + len(magic) for offset, magic, _ in IMAGE_MAGICS)
+
+
+def format_of_head(head: bytes) -> str:
+    """'raw', or the format whose magic ``head`` (an image's first bytes) starts with."""
+    for offset, magic, name in IMAGE_MAGICS:
+        if head[offset:offset + len(magic)] == magic:
+            return name
+    return "raw"
 
 
 def detect_format(path: str) -> str:
@@ -44,13 +54,10 @@ def detect_format(path: str) -> str:
         if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):      # a FIFO would block the read
             raise ConfigError(f"disk {path}: not a regular file or block device")
         with open(path, "rb") as f:
-            head = f.read(0x44)
+            head = f.read(PROBE_BYTES)
     except OSError as e:
         raise ConfigError(f"disk {path}: {e.strerror}") from None
-    for offset, magic, name in IMAGE_MAGICS:
-        if head[offset:offset + len(magic)] == magic:
-            return name
-    return "raw"
+    return format_of_head(head)
 
 
 def open_backend(disk):
@@ -66,7 +73,23 @@ def open_backend(disk):
 
     The storage daemon is started by the calling thread and dies with it
     (``PR_SET_PDEATHSIG``): call this on a thread that outlives the disk, as
-    :class:`pyvmm.machine.Machine` does when it is built on the main thread."""
+    :class:`pyvmm.machine.Machine` does when it is built on the main thread.
+
+    ``disk.format`` given: no probing, the image is that format.  Not given and probed
+    raw: the guest may not write another format's magic into the image's start (QEMU's
+    "restricted write to sector 0 of probed raw images"): otherwise a guest could make its
+    own disk a qcow2 whose backing file is any host file pyvmm can read, at the next boot.
+    """
+    if disk.format is not None:
+        if disk.format == "raw":
+            from .raw import RawBackend
+            backend = RawBackend(disk.path, read_only=disk.read_only, cache=disk.cache)
+        else:
+            from .daemon import QemuImageBackend
+            backend = QemuImageBackend(disk.path, disk.format, read_only=disk.read_only,
+                                       cache=disk.cache)
+        backend.open()
+        return backend
     magic = detect_format(disk.path)
     fmt = magic
     if magic != "raw":
@@ -77,7 +100,7 @@ def open_backend(disk):
                               "reads it as raw (a damaged image?): refused rather than guessed")
     if fmt == "raw":
         from .raw import RawBackend
-        backend = RawBackend(disk.path, read_only=disk.read_only, cache=disk.cache)
+        backend = RawBackend(disk.path, read_only=disk.read_only, cache=disk.cache, probed=True)
     else:
         from .daemon import QemuImageBackend
         backend = QemuImageBackend(disk.path, fmt, read_only=disk.read_only, cache=disk.cache)

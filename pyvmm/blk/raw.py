@@ -66,6 +66,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from . import PROBE_BYTES, format_of_head
 from .backend import BlockOp, BlockRequest
 from .lock import disk_perms, in_use, lock_conflict
 
@@ -132,7 +133,8 @@ def _address(view: memoryview) -> int:
 class RawBackend:
     """A raw image file (or block device); see the module docstring."""
 
-    def __init__(self, path: str, read_only: bool = False, cache: str = "writeback") -> None:
+    def __init__(self, path: str, read_only: bool = False, cache: str = "writeback",
+                 probed: bool = False) -> None:
         if cache not in ("writeback", "none"):
             raise ConfigError(f"disk {path}: cache={cache!r}: expected writeback or none")
         self.path = str(path)
@@ -148,6 +150,11 @@ class RawBackend:
         self.direct_fallbacks = 0
         self._unsupported_modes: set[int] = set()
         self._zeroes: memoryview | None = None
+        #: the format was guessed (no ``format=raw``): writes that would give the image
+        #: another format's magic are refused (:meth:`_would_change_format`)
+        self.probed = probed
+        #: such writes refused
+        self.format_writes_refused = 0
 
     def _flags(self) -> int:
         """O_RDONLY for a read-only disk: its file is never opened for writing."""
@@ -222,6 +229,14 @@ class RawBackend:
                 raise OSError(errno.EINVAL, "buffers do not add up to the request length")
             if op is BlockOp.WRITE and self.read_only:
                 raise OSError(errno.EROFS, "read-only disk")
+            if op is BlockOp.WRITE and self.probed and req.offset < PROBE_BYTES \
+                    and self._would_change_format(req):
+                self.format_writes_refused += 1
+                if self.format_writes_refused == 1:
+                    logger.warning("disk %s: the guest wrote another image format's magic into "
+                                   "the start of a raw image whose format was probed; refused "
+                                   "(give format=raw to allow it)", self.path)
+                raise OSError(errno.EPERM, "write of an image format's magic to a probed raw image")
             call = os.preadv if op is BlockOp.READ else os.pwritev
             if self.direct_fd >= 0:
                 if self._aligned(req):
@@ -247,6 +262,18 @@ class RawBackend:
                 self._write_zeroes(req.offset, req.length)
             return
         raise OSError(errno.EOPNOTSUPP, f"unknown operation {op}")
+
+    def _would_change_format(self, req: BlockRequest) -> bool:
+        """Would the image's first :data:`PROBE_BYTES` look like another format after ``req``?"""
+        head = bytearray(os.pread(self.fd, PROBE_BYTES, 0).ljust(PROBE_BYTES, b"\0"))
+        pos = req.offset
+        for view in req.buffers:
+            if pos >= PROBE_BYTES:
+                break
+            n = min(len(view), PROBE_BYTES - pos)
+            head[pos:pos + n] = view[:n]
+            pos += len(view)
+        return format_of_head(bytes(head)) != "raw"
 
     @staticmethod
     def _aligned(req: BlockRequest) -> bool:

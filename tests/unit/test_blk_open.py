@@ -19,7 +19,7 @@ from pyvmm.blk.daemon import QemuImageBackend, StorageDaemon
 from pyvmm.errors import ConfigError
 from pyvmm.machine import DiskConfig
 
-OK = 0
+OK, IOERR = 0, 1
 QEMU_IMG = shutil.which("qemu-img")
 QSD = shutil.which("qemu-storage-daemon")
 needs_qemu = pytest.mark.skipif(
@@ -207,3 +207,36 @@ def test_a_machine_refusing_an_image_in_use_leaves_no_storage_daemon(elf, tmp_pa
     finally:
         holder.stop()
     assert not my_daemons()
+
+
+@pytest.mark.parametrize("fmt, refused", [(None, True), ("raw", False)])
+def test_a_probed_raw_image_refuses_a_guest_write_of_a_format_magic(tmp_path, fmt, refused):
+    """QEMU's rule for probed raw images: otherwise the guest could turn its disk into a
+    qcow2 whose backing file is any host file, opened at the next boot."""
+    image = tmp_path / "disk.img"
+    make_image(image)
+    guest = BlkGuest(open_backend(DiskConfig(str(image), format=fmt)))
+    try:
+        evil = b"QFI\xfb\0\0\0\3" + bytes(504)
+        assert guest.write(0, evil)[0] == (IOERR if refused else OK)
+        assert (image.read_bytes()[:4] == b"QFI\xfb") is not refused
+        assert guest.write(0, b"\0" * 512)[0] == OK                  # any other bytes: fine
+        assert guest.write(1, evil)[0] == OK                         # the magic elsewhere: fine
+    finally:
+        guest.close()
+
+
+@needs_qemu
+def test_format_given_is_not_probed(tmp_path):
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", str(image), str(IMAGE_SIZE))
+    with pytest.raises(ConfigError):            # a format qemu-img does not know
+        open_backend(DiskConfig(str(image), format="qcow2x"))
+    backend = open_backend(DiskConfig(str(image), format="raw"))   # declared raw: served raw
+    try:
+        assert type(backend).__name__ == "RawBackend" and not backend.probed
+    finally:
+        backend.close()
+    backend = open_backend(DiskConfig(str(image), format="qcow2"))
+    assert isinstance(backend, QemuImageBackend)
+    drive(backend, None)

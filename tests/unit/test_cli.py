@@ -377,8 +377,9 @@ def test_disk_option():
     disk = cli.parse_disk("/images/root.img")
     assert (disk.path, disk.read_only, disk.cache, disk.serial) == ("/images/root.img", False,
                                                                     "writeback", None)
-    disk = cli.parse_disk("data.img,ro,cache=none,serial=data-1")
-    assert (disk.path, disk.read_only, disk.cache, disk.serial) == ("data.img", True, "none", "data-1")
+    disk = cli.parse_disk("data.img,ro,cache=none,serial=data-1,format=qcow2")
+    assert (disk.path, disk.read_only, disk.cache, disk.serial, disk.format) == \
+        ("data.img", True, "none", "data-1", "qcow2")
     args = cli.build_parser().parse_args(["run", "--disk", "a.img", "--disk", "b.img,ro"])
     assert [(d.path, d.read_only) for d in args.disk] == [("a.img", False), ("b.img", True)]
     assert cli.build_parser().parse_args(["run"]).disk == []
@@ -389,6 +390,7 @@ def test_disk_option():
     ("a.img,rw", "expected PATH[,ro][,cache=writeback|none][,serial=ID]"),
     (",ro", "no path"),
     ("a.img,serial", "expected PATH"),
+    ("a.img,format=../x", "expected PATH"),
 ])
 def test_disk_option_errors_are_one_line_and_exit_2(spec, message):
     result = pyvmm("run", "--kernel", "/nonexistent", "--disk", spec)
