@@ -14,6 +14,7 @@
 #include "io.h"
 #include "layout.h"
 #include "pvh.h"
+#include "virtio_blk.h"
 
 static const struct scenario {
 	const char *name;
@@ -42,6 +43,8 @@ static const struct scenario {
 	{ "vsock-dgram-flood", scenario_vsock_dgram_flood },
 	{ "vsock-dgram-sink", scenario_vsock_dgram_sink },
 	{ "hostile", scenario_hostile },
+	{ "blk-check", scenario_blk_check },
+	{ "blk-load", scenario_blk_load },
 };
 
 #define DEVICE_WORD "virtio_mmio.device="
