@@ -91,9 +91,9 @@ class LiveGuest:
 
     def __init__(self, kernel, *, cmdline: str = "", initrd=None, cpus: int = 1,
                  mem: int = 64 << 20, timeout: float = 60.0, vsock: VsockConfig | None = None,
-                 default_cmdline: bool = True, stdin=None) -> None:
+                 default_cmdline: bool = True, stdin=None, disks=()) -> None:
         """``stdin``: a file the guest's serial port reads, or "pipe": one that
-        :meth:`type` writes to."""
+        :meth:`type` writes to.  ``disks``: DiskConfigs, the guest's vda, vdb, ..."""
         self.console = _Console()
         self._typed = None
         if stdin == "pipe":
@@ -103,7 +103,7 @@ class LiveGuest:
         self.config = MachineConfig(kernel=str(kernel), initrd=str(initrd) if initrd else None,
                                     cmdline=cmdline, mem=mem, cpus=cpus, timeout=timeout,
                                     serial_out=self.console, default_cmdline=default_cmdline,
-                                    vsock=vsock, stdin=stdin)
+                                    vsock=vsock, stdin=stdin, disks=list(disks))
         self.vm: Machine | None = None
         self._ended = threading.Event()
         self._result: RunResult | None = None
