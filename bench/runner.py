@@ -142,6 +142,12 @@ def _rows() -> list[tuple]:
         Row("guest->guest 64 KiB (Gb/s)", "v2v.bulk.64k", None, "pyvmm.g2h.64k"),
         Row("guest->guest RTT 64 B, mean (us)", "v2v.rtt.64b.mean", None, "pyvmm.rtt.64.p50"),
     ], "host"))
+    sections.append(("virtio-blk, raw image in the host page cache, guest-timed (higher is better)", [
+        Row("sequential write 1 MiB (MiB/s)", "pyvmm.blk.seqwrite.1M"),
+        Row("sequential read 1 MiB (MiB/s)", "pyvmm.blk.seqread.1M"),
+        Row("random write 4 KiB (IOPS)", "pyvmm.blk.randwrite.4K"),
+        Row("random read 4 KiB (IOPS)", "pyvmm.blk.randread.4K"),
+    ]))
     sections.append(("ceiling only", [Row("memcpy (GB/s)", "ceiling.memcpy")]))
     return sections
 

@@ -437,6 +437,7 @@ void scenario_blk_load(const struct args *a)
 		guest_exit(1);
 	}
 	pattern_fill(blk_buf, 0, depth * bs / SECTOR_SIZE, seed);
+	say("blk load vd%c capacity %lu start", 'a' + b->index, (unsigned long)b->capacity);
 	uint64_t t0 = rdtsc();
 
 	while (done < ios) {
