@@ -73,6 +73,22 @@ def pyvmm_argv(elf: Path, scenario: str, uds: Path, *, metrics: Path | None = No
     return argv
 
 
+def qemu_machine_argv(elf: Path, scenario: str, *, qemu: str = "qemu-system-x86_64") -> list[str]:
+    """QEMU microvm (KVM, one vCPU, 64 MiB) with the freestanding guest and no device
+    but its serial console on stdout; the callers add theirs.  Always ``-nic none``
+    and no vsock device.  ``debug-threads=on`` names QEMU's threads (vCPU: ``CPU
+    0/KVM``), which placement and the CPU accounting go by; without it every thread
+    is ``qemu-system-x86``.  The guest finds microvm's virtio-mmio devices by
+    scanning its slots from 0xfeb00000 (QEMU 7.2's microvm puts no
+    ``virtio_mmio.device=`` on this guest's command line: ``virtio-probe`` says
+    so), as it does under pyvmm when a device has no such word."""
+    return [qemu, "-name", "pyvmm-bench,debug-threads=on",
+            "-M", "microvm", "-accel", "kvm", "-m", "64M", "-smp", "1",
+            "-nodefaults", "-no-reboot", "-nographic", "-nic", "none", "-serial", "stdio",
+            "-global", "virtio-mmio.force-legacy=false",
+            "-kernel", str(elf), "-append", scenario]
+
+
 def qemu_argv(elf: Path, scenario: str, chardev: Path, *, qemu: str = "qemu-system-x86_64",
               port: int = 1) -> list[str]:
     """QEMU microvm with the same guest and a virtio-serial port on a Unix socket.
@@ -81,18 +97,21 @@ def qemu_argv(elf: Path, scenario: str, chardev: Path, *, qemu: str = "qemu-syst
     first and QEMU connects at start-up.  ``virtserialport nr=1`` (not
     ``virtconsole``): QEMU flow-controls only non-console ports, so no byte is
     dropped when the socket is slower than the guest (guest/freestanding/README.md).
-    Always ``-nic none`` and no vsock device.  ``debug-threads=on`` names
-    QEMU's threads (vCPU: ``CPU 0/KVM``), which placement and the CPU
-    accounting go by; without it every thread is ``qemu-system-x86``.
     """
-    return [qemu, "-name", "pyvmm-bench,debug-threads=on",
-            "-M", "microvm", "-accel", "kvm", "-m", "64M", "-smp", "1",
-            "-nodefaults", "-no-reboot", "-nographic", "-nic", "none", "-serial", "stdio",
-            "-global", "virtio-mmio.force-legacy=false",
-            "-device", "virtio-serial-device",
-            "-chardev", f"socket,id=c0,path={chardev}",
-            "-device", f"virtserialport,chardev=c0,nr={port}",
-            "-kernel", str(elf), "-append", scenario]
+    return qemu_machine_argv(elf, scenario, qemu=qemu) + [
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=c0,path={chardev}",
+        "-device", f"virtserialport,chardev=c0,nr={port}"]
+
+
+def qemu_blk_argv(elf: Path, scenario: str, disk: Path, *,
+                  qemu: str = "qemu-system-x86_64") -> list[str]:
+    """QEMU microvm with the same guest and one virtio-blk device (vda) on the raw
+    image ``disk``: ``cache=writeback`` (the host page cache, as pyvmm's default)
+    and ``aio=threads`` (QEMU's thread pool doing preadv/pwritev)."""
+    return qemu_machine_argv(elf, scenario, qemu=qemu) + [
+        "-drive", f"file={disk},if=none,id=d0,format=raw,cache=writeback,aio=threads",
+        "-device", "virtio-blk-device,drive=d0"]
 
 
 # --------------------------------------------------------------------------

@@ -137,3 +137,29 @@ def test_default_placement():
     assert Placement.default({3, 5, 7}).label() == "vCPU 3, I/O 5, client 5"
     one = Placement.default({0})
     assert not one.pinned and one.label() == "unpinned" and one.pyvmm_args() == []
+
+
+def test_qemu_blk_runs_the_same_guest_and_loads_with_no_nic_and_no_vsock(tmp_path):
+    from pathlib import Path
+
+    from bench.common import qemu_blk_argv
+    from bench.runner import _rows
+    from bench.workloads import METRICS, load_all
+    from bench.workloads.blk import LOADS
+
+    argv = qemu_blk_argv(Path("/g.elf"), "blk-load mode=seqread bs=4096 mb=8", tmp_path / "d.raw")
+    assert argv[argv.index("-nic") + 1] == "none" and "-nodefaults" in argv
+    assert not any("vsock" in a or "netdev" in a for a in argv)
+    assert argv[argv.index("-drive") + 1] == (f"file={tmp_path / 'd.raw'},if=none,id=d0,"
+                                               "format=raw,cache=writeback,aio=threads")
+    assert argv[argv.index("-device") + 1] == "virtio-blk-device,drive=d0"
+    assert argv[argv.index("-append") + 1] == "blk-load mode=seqread bs=4096 mb=8"
+
+    names = {w.name for w in load_all()}
+    assert {"pyvmm-blk", "qemu-blk"} <= names
+    rows = {r.pyvmm: r.qemu for title, rows, *_ in _rows() if "virtio-blk" in title for r in rows}
+    assert len(rows) == len(LOADS) == 4
+    for _mode, _bs, name, unit in LOADS:
+        mine, peer = f"pyvmm.blk.{name}", f"qemu.blk.{name}"
+        assert rows[mine] == peer
+        assert METRICS[mine].unit == METRICS[peer].unit == unit
