@@ -4,7 +4,8 @@
   freestanding test guest; its serial console is read by a thread so that a
   workload *waits for a console line* (never sleeps) and the VMM's CPU time can
   be read per thread from ``/proc/<pid>/task``.
-* :func:`pyvmm_argv` / :func:`qemu_argv` -- the two command lines, side by side.
+* :func:`pyvmm_argv` / :func:`qemu_argv` -- the two command lines, side by side
+  (:func:`qemu_blk_argv`: QEMU with a virtio-blk disk instead of the serial port).
 * :class:`Placement` -- which host CPUs the vCPU threads, the VMM's other
   threads and the benchmark's own client run on, applied the same way to both
   VMMs.
