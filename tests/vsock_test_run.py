@@ -28,6 +28,10 @@ CONTROL_PORT = 5555
 RUN_TIMEOUT = 600
 
 _STARTED = re.compile(r"^(\d+) - (.*?)\.\.\.(.*)$")
+#: a kernel console message that landed inside a line of the program's output (the
+#: kernel writes to the console directly, between the program's writes): its text from the
+#: timestamp to the end of the line is not the program's
+_KERNEL_MESSAGE = re.compile(r"\[\s*\d+\.\d{6}\] .*$")
 
 
 @dataclass
@@ -53,9 +57,9 @@ def parse(output: str) -> Parsed:
     (6.12's SIOCOUTQ tests say "Test skipped, SIOCOUTQ not supported." and then ``ok``), and
     what follows the last test's verdict the run's trailer (Debian's 6.1.192: "All tests have
     been executed. Waiting other peer...ok").  The last test without a verdict is the one the
-    process died in."""
+    process died in.  A kernel message written into the middle of a line is cut off it."""
     out = Parsed()
-    lines = output.splitlines()
+    lines = [_KERNEL_MESSAGE.sub("", line) for line in output.splitlines()]
     starts = [(i, m) for i, line in enumerate(lines) if (m := _STARTED.match(line))]
     for k, (i, m) in enumerate(starts):
         end = starts[k + 1][0] if k + 1 < len(starts) else len(lines)

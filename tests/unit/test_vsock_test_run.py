@@ -93,3 +93,13 @@ def test_a_line_lost_on_one_console_is_taken_from_the_other_and_a_gap_fails():
         vt.merge_listings(full.replace("1\tSOCK_STREAM bind only\n", ""))
     with pytest.raises(AssertionError, match="disagrees on test 2"):
         vt.merge_listings(full, full.replace("client close", "server close"))
+
+
+def test_a_kernel_message_inside_a_verdict_line_is_cut_off():
+    """Seen in the lab: the kernel's console message landed between "ok" and its newline."""
+    out = ("10 - SOCK_STREAM poll() + SO_RCVLOWAT...ok[  157.726539] clocksource: Long readout "
+           "interval, skipping watchdog check: cs_nsec: 1111061396 wd_nsec: 1111060895\n"
+           "11 - SOCK_SEQPACKET big message...ok\n")
+    parsed = vt.parse(out)
+    assert [(v.id, v.outcome) for v in parsed.verdicts.values()] == [(10, "pass"), (11, "pass")]
+    assert parsed.died_in is None
