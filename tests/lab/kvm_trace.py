@@ -95,14 +95,8 @@ def _outer_symbolizer(kallsyms: Path = Path("/proc/kallsyms")):
         return lambda rip: ""
     syms = sorted((int(f[0], 16), f[2]) for f in (l.split() for l in lines)
                   if len(f) >= 4 and f[1] in "tT" and f[3] == f"[{OUTER_MODULE}]" and int(f[0], 16))
-    addrs = [a for a, _ in syms]
-
-    def name(rip: int) -> str:
-        i = bisect.bisect_right(addrs, rip) - 1
-        if i < 0 or i == len(syms) - 1 or rip - addrs[i] > 0x10000:
-            return ""                   # past kvm_amd's last text symbol: not known to be its
-        return f"<outer {OUTER_MODULE}:{syms[i][1]}+{rip - addrs[i]:#x}>"
-    return name
+    # past kvm_amd's last text symbol a RIP is not known to be its
+    return _namer(syms, 0x10000, f"outer {OUTER_MODULE}:", past_last=False)
 
 
 def _symbolizer(vmlinux: Path):
@@ -114,11 +108,18 @@ def _symbolizer(vmlinux: Path):
         return lambda rip: ""
     syms = [(int(a, 16), s) for a, t, s in (l.split()[:3] for l in out.splitlines()
                                              if len(l.split()) >= 3) if t in "tTwW"]
+    return _namer(syms, 0x100000)
+
+
+def _namer(syms: list[tuple[int, str]], max_offset: int, prefix: str = "", past_last: bool = True):
+    """rip -> "<{prefix}symbol+0xoff>" from ``syms`` ((address, name), sorted), or "" if no
+    symbol starts at most ``max_offset`` below it (or, ``past_last`` False, the nearest one
+    below is the last: where it ends is not known)."""
     addrs = [a for a, _ in syms]
 
     def name(rip: int) -> str:
         i = bisect.bisect_right(addrs, rip) - 1
-        if i < 0 or rip - addrs[i] > 0x100000:
+        if i < 0 or rip - addrs[i] > max_offset or (not past_last and i == len(syms) - 1):
             return ""
-        return f"<{syms[i][1]}+{rip - addrs[i]:#x}>"
+        return f"<{prefix}{syms[i][1]}+{rip - addrs[i]:#x}>"
     return name
