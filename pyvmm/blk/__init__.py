@@ -80,27 +80,19 @@ def open_backend(disk):
     "restricted write to sector 0 of probed raw images"): otherwise a guest could make its
     own disk a qcow2 whose backing file is any host file pyvmm can read, at the next boot.
     """
-    if disk.format is not None:
-        if disk.format == "raw":
-            from .raw import RawBackend
-            backend = RawBackend(disk.path, read_only=disk.read_only, cache=disk.cache)
-        else:
-            from .daemon import QemuImageBackend
-            backend = QemuImageBackend(disk.path, disk.format, read_only=disk.read_only,
-                                       cache=disk.cache)
-        backend.open()
-        return backend
-    magic = detect_format(disk.path)
-    fmt = magic
-    if magic != "raw":
-        from .daemon import image_format
-        fmt = image_format(disk.path)           # qemu-img's name for it ("qcow" or "qcow2", ...)
-        if fmt == "raw":                        # a damaged header: neither guess is safe
-            raise ConfigError(f"disk {disk.path} starts with the {magic} magic but qemu-img "
-                              "reads it as raw (a damaged image?): refused rather than guessed")
+    fmt = disk.format
+    if fmt is None:
+        fmt = magic = detect_format(disk.path)
+        if magic != "raw":
+            from .daemon import image_format
+            fmt = image_format(disk.path)       # qemu-img's name for it ("qcow" or "qcow2", ...)
+            if fmt == "raw":                    # a damaged header: neither guess is safe
+                raise ConfigError(f"disk {disk.path} starts with the {magic} magic but qemu-img "
+                                  "reads it as raw (a damaged image?): refused rather than guessed")
     if fmt == "raw":
         from .raw import RawBackend
-        backend = RawBackend(disk.path, read_only=disk.read_only, cache=disk.cache, probed=True)
+        backend = RawBackend(disk.path, read_only=disk.read_only, cache=disk.cache,
+                             probed=disk.format is None)
     else:
         from .daemon import QemuImageBackend
         backend = QemuImageBackend(disk.path, fmt, read_only=disk.read_only, cache=disk.cache)
