@@ -110,7 +110,8 @@ def test_a_host_end_out_of_fds_refuses_the_guest_and_the_device_keeps_working():
 
 def _process_state(g) -> str:
     """What else in this pytest process could have taken the freed descriptors or the
-    pending peer (this failed once, in a full run, after 30 passes; never alone)."""
+    pending peer (this failed once, in a full CI-equivalent run on 2026-11-30, after passing
+    in the earlier ones; never alone)."""
     fds = {}
     for fd in os.listdir("/proc/self/fd"):
         try:
