@@ -6,7 +6,8 @@
 #
 # Each does its own set-up on a fresh Debian machine: apt packages (deps), a
 # virtualenv with pyvmm installed (venv), the guest kernel (kernel; make test also
-# builds the second, 6.12 one: kernel-6.12) and guest images (guest), all cached:
+# builds the second, 6.12 one: kernel-6.12) and guest images (guest: the initramfs, the same
+# files as an ext4 disk image, the freestanding test guest), all cached:
 # a second run rebuilds nothing.
 
 PYTHON ?= python3
@@ -29,7 +30,7 @@ APT_PACKAGES := python3-venv build-essential linux-source-6.1 linux-source-6.12 
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k serial -x"
 PYTEST_ARGS ?=
 
-.PHONY: all demo test unit bench bench-quick fuzz soak deps print-apt-packages venv kernel kernel-6.12 guest freestanding initramfs vsock-test clean distclean
+.PHONY: all demo test unit bench bench-quick fuzz soak deps print-apt-packages venv kernel kernel-6.12 guest freestanding initramfs rootfs vsock-test clean distclean
 
 all: kernel guest venv
 
@@ -63,7 +64,13 @@ initramfs: deps
 freestanding: deps
 	guest/freestanding/build.sh
 
-guest: initramfs freestanding
+# The initramfs's files as an ext4 disk image ($PYVMM_CACHE/rootfs/current/rootfs.img), for
+# pyvmm run --disk ...,ro --cmdline root=/dev/vda (guest/README.md); mkfs.ext4 and debugfs come
+# from e2fsprogs, which every Debian system has (Priority: required)
+rootfs: initramfs
+	guest/rootfs/build.sh
+
+guest: initramfs freestanding rootfs
 
 # The kernel's own tools/testing/vsock/vsock_test from linux-source-6.1 and -6.12, static, plus a
 # cpio of them to append to the initramfs (guest/vsock_test/README.md). Not needed by `demo`.

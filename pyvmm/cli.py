@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", help="vmlinux ELF, PVH ELF or bzImage "
                      "(default: the cached guest kernel from 'make kernel')")
     run.add_argument("--initrd", help="initramfs (default with the default kernel: "
-                     "the cached one from 'make guest')")
+                     "the cached one from 'make guest', unless --cmdline names a root= device)")
     run.add_argument("--cmdline", default="", help="extra kernel command line")
     run.add_argument("--no-default-cmdline", action="store_true",
                      help="do not add pyvmm's console/reboot/PVM parameters")
@@ -210,6 +210,7 @@ def cmd_info() -> int:
     if host.flavour is KvmFlavour.PVM:
         print("     guest CPL0 code is emulated; a stock Linux guest cannot run its userspace here")
     for name, fn in (("kernel", images.default_kernel), ("initramfs", images.default_initramfs),
+                     ("root file system", images.default_rootfs),
                      ("freestanding guest", images.freestanding_guest)):
         path = fn(required=False)
         print(f"{name}: {path or 'not built (make guest / make kernel)'}")
@@ -231,6 +232,13 @@ def _raise_nofile() -> None:
         log.warning("open files limited to %d (hard limit): fewer vsock connections fit", want)
 
 
+def _names_a_root(cmdline: str) -> bool:
+    """Whether the user's cmdline has ``root=``: then the root file system is a disk (e.g.
+    ``--disk rootfs.img --cmdline root=/dev/vda``), and the default initramfs, which Linux
+    would run instead, is not attached."""
+    return any(word.startswith("root=") for word in cmdline.split())
+
+
 def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig   # numpy import only when a VM is made
 
@@ -240,7 +248,7 @@ def cmd_run(args) -> int:
     kernel, initrd = args.kernel, args.initrd
     if kernel is None:
         kernel = str(images.default_kernel())
-        if initrd is None:
+        if initrd is None and not _names_a_root(args.cmdline):
             initrd = str(images.default_initramfs())
     host = detect()
     serial_out, close_serial = sys.stdout.buffer, None

@@ -7,6 +7,7 @@ newest valid one::
     $PYVMM_CACHE/kernel/current/{vmlinux,bzImage}         Linux 6.1, the default
     $PYVMM_CACHE/kernel-6.12/current/{vmlinux,bzImage}    Linux 6.12 (make kernel-6.12)
     $PYVMM_CACHE/initramfs/current/initramfs.cpio
+    $PYVMM_CACHE/rootfs/current/rootfs.img             the initramfs's files on ext4 (make rootfs)
     $PYVMM_CACHE/freestanding/current/pyvmm-test-guest.elf
     $PYVMM_CACHE/vsock-test/current/vsock-test.cpio     (make vsock-test: the kernel's
         vsock_test from two kernel generations, a cpio to append to the initramfs)
@@ -55,6 +56,12 @@ def bzimage_6_12(required: bool = True) -> Path | None:
 
 def default_initramfs(required: bool = True) -> Path | None:
     return _image("initramfs", "initramfs.cpio", "make guest", required)
+
+
+def default_rootfs(required: bool = True) -> Path | None:
+    """The ext4 image of the initramfs's files, to boot with ``root=/dev/vda``.  The pristine
+    base: boot it read-only, a copy, or a qcow2 overlay on it, never the file itself."""
+    return _image("rootfs", "rootfs.img", "make rootfs", required)
 
 
 def freestanding_guest(required: bool = True) -> Path | None:

@@ -35,6 +35,7 @@ class GuestRun:
     boot_phases: tuple = ()       # (code, seconds) written to the boot-timer port
     virtio: list = field(default_factory=list)     # transport snapshots at the end
     vsock: dict | None = None                      # vsock counters at the end
+    blk: list = field(default_factory=list)        # each disk's counters at the end
 
     @property
     def lines(self) -> list[str]:
@@ -155,7 +156,8 @@ class LiveGuest:
         return GuestRun(self._result, self.console.text(), str(vm.cmdline),
                         tuple((r.code, r.seconds) for r in vm.boot_timer.records),
                         [slot.transport.snapshot() for slot in vm.virtio_slots],
-                        vm.vsock_device.counters() if vm.vsock_device is not None else None)
+                        vm.vsock_device.counters() if vm.vsock_device is not None else None,
+                        [dev.counters() for dev in vm.blk_devices])
 
     def type(self, data: bytes) -> None:
         """Send ``data`` to the guest's serial port (``stdin="pipe"``)."""

@@ -445,3 +445,33 @@ def test_disks_get_virtio_mmio_slots_in_flag_order(elf, tmp_path):
         assert vm.virtio_slots[1].base == layout.mmio_device_base(1)
         first = vm.blk_devices[0].backend
     assert first.fd == -1                   # closed with the machine
+
+
+@pytest.mark.parametrize("cmdline,attached", [
+    ("", True),
+    ("pyvmm.run=true", True),
+    ("root=/dev/vda", False),
+    ('console=ttyS0 root=/dev/vdb pyvmm.run="cat /x"', False),
+    ("pyvmm.run=chroot", True),          # a word that only contains "root" names no root device
+])
+def test_the_default_initramfs_is_attached_unless_the_cmdline_names_a_root(
+        monkeypatch, tmp_path, cmdline, attached):
+    """With the default kernel, ``root=`` on the cmdline means the root is a disk: the default
+    initramfs, which Linux would run instead, stays out; an explicit --initrd is kept."""
+    from pyvmm import images
+    from pyvmm.errors import ConfigError
+    seen = []
+
+    class Recorder:
+        def __init__(self, config, host):
+            seen.append(config)
+            raise ConfigError("recorded")
+
+    monkeypatch.setattr(images, "default_kernel", lambda required=True: tmp_path / "vmlinux")
+    monkeypatch.setattr(images, "default_initramfs", lambda required=True: tmp_path / "i.cpio")
+    monkeypatch.setattr("pyvmm.machine.Machine", Recorder)
+    monkeypatch.setattr(cli, "_setup_logging", lambda *a: None)
+    assert cli.main(["-q", "run", "--cmdline", cmdline]) == 2
+    assert seen[0].initrd == (str(tmp_path / "i.cpio") if attached else None)
+    assert cli.main(["-q", "run", "--initrd", "/x.cpio", "--cmdline", cmdline]) == 2
+    assert seen[1].initrd == "/x.cpio"
