@@ -86,8 +86,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from ..errors import ConfigError
 from ..memory import GuestMemory
@@ -150,22 +150,7 @@ _SEG_LEN = VIRTIO_BLK_DISCARD_WRITE_ZEROES.size
 _WRITES = (BlockOp.WRITE, BlockOp.DISCARD, BlockOp.WRITE_ZEROES)
 
 
-def _byte_range(views: list[memoryview], start: int, end: int) -> list[memoryview]:
-    """The bytes ``[start, end)`` of the concatenation of ``views``, as views (no copy)."""
-    out = []
-    pos = 0
-    for view in views:
-        n = len(view)
-        lo, hi = max(start, pos), min(end, pos + n)
-        if lo < hi:
-            out.append(view[lo - pos:hi - pos])
-        pos += n
-        if pos >= end:
-            break
-    return out
-
-
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """One chain on its way through a batch."""
     chain: DescriptorChain
@@ -174,7 +159,7 @@ class _Pending:
     used_len: int = 0                   # on success; 1 (the status) otherwise
     first: int = 0                      # its requests in the batch: [first, first + count)
     count: int = 0
-    ops: list = field(default_factory=list)
+    ops: Sequence[BlockRequest] = ()
     moved: tuple[str, int] | None = None    # (counter, bytes) to add if it succeeds
 
 
@@ -309,10 +294,10 @@ class BlkDevice(VirtioDevice):
             p.first = len(batch)
             p.count = len(p.ops)
             batch.extend(p.ops)
-            p.ops = []
+            p.ops = ()
         write_through = None
-        if any(r.op in _WRITES for r in batch) and \
-                not self.acked_features >> _F.VIRTIO_BLK_F_FLUSH & 1:
+        if not self.acked_features >> _F.VIRTIO_BLK_F_FLUSH & 1 and \
+                any(r.op in _WRITES for r in batch):
             write_through = len(batch)      # §5.2.6.2 case 1: stable before completion
             batch.append(BlockRequest(BlockOp.FLUSH))
             self.metrics["write_through_flushes"] += 1
@@ -320,7 +305,7 @@ class BlkDevice(VirtioDevice):
         used = []
         for p in pending:
             if p.status == _S_OK and p.count:
-                errs = [e for e in results[p.first:p.first + p.count] if e]
+                errs = list(filter(None, results[p.first:p.first + p.count]))
                 if write_through is not None and results[write_through] and \
                         any(r.op in _WRITES for r in batch[p.first:p.first + p.count]):
                     errs.append(results[write_through])
@@ -359,9 +344,8 @@ class BlkDevice(VirtioDevice):
     def _parse(self, chain: DescriptorChain) -> _Pending:
         """Check one chain (see the module docstring's table); the requests it needs go
         in ``ops``, or ``status`` says the answer already."""
-        wviews = chain.writable_views()
         wlen = chain.writable_len
-        status_view = _byte_range(wviews, wlen - 1, wlen)[0] if wlen else None
+        status_view = chain.writable_views(wlen - 1, wlen)[0] if wlen else None
         p = _Pending(chain, status_view)
         if status_view is None:
             self.metrics["chains_unanswered"] += 1
@@ -377,15 +361,14 @@ class BlkDevice(VirtioDevice):
             self.metrics["requests_in"] += 1
             if out_len:
                 return self._bad(p, "IN request with device-readable data", chain)
-            return self._rw(p, BlockOp.READ, sector, _byte_range(wviews, 0, in_len), in_len)
+            return self._rw(p, BlockOp.READ, sector, chain.writable_views(0, in_len), in_len)
         if rtype == _T.VIRTIO_BLK_T_OUT:
             self.metrics["requests_out"] += 1
             if self.read_only:
                 return self._read_only(p)
             if in_len:
                 return self._bad(p, "OUT request with device-writable data besides the status", chain)
-            return self._rw(p, BlockOp.WRITE, sector,
-                            _byte_range(chain.readable_views(), _HDR_LEN, rlen), out_len)
+            return self._rw(p, BlockOp.WRITE, sector, chain.readable_views(_HDR_LEN, rlen), out_len)
         if rtype == _T.VIRTIO_BLK_T_FLUSH:
             self.metrics["requests_flush"] += 1
             if out_len or in_len:
@@ -436,7 +419,7 @@ class BlkDevice(VirtioDevice):
         if len(views) > SEG_MAX:
             return self._bad(p, f"IN/OUT with more than seg_max ({SEG_MAX}) data segments", chain,
                              f"{len(views)} segments")
-        if any(len(v) > SIZE_MAX for v in views):
+        if max(map(len, views)) > SIZE_MAX:        # views: not empty, as length is not 0
             return self._bad(p, f"IN/OUT data segment larger than size_max ({SIZE_MAX})", chain)
         if not self._in_disk(sector, length >> SECTOR_SHIFT):
             return self._bad(p, "sector range beyond the end of the disk", chain,

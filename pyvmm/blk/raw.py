@@ -117,13 +117,16 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
 
 def _transfer(call, fd: int, views: Sequence[memoryview], offset: int) -> None:
     """``os.preadv`` / ``os.pwritev`` until every byte moved (short transfers repeat)."""
-    views = [v for v in views if len(v)]
-    while views:
+    views = list(filter(len, views))
+    left = sum(map(len, views))
+    while left:
         n = call(fd, views[:_IOV_MAX], offset)
         if n == 0:      # the file shrank under us (someone else truncated it)
             raise OSError(errno.EIO, "unexpected end of the image file")
-        offset += n
-        views = _advance(views, n)
+        left -= n
+        if left:        # a short transfer (or more than IOV_MAX views): the rest
+            offset += n
+            views = _advance(views, n)
 
 
 def _address(view: memoryview) -> int:
@@ -225,7 +228,7 @@ class RawBackend:
         if req.offset < 0 or req.length < 0 or req.offset + req.length > self.size:
             raise OSError(errno.EINVAL, "request outside the disk")
         if op is BlockOp.READ or op is BlockOp.WRITE:
-            if sum(len(v) for v in req.buffers) != req.length:
+            if sum(map(len, req.buffers)) != req.length:
                 raise OSError(errno.EINVAL, "buffers do not add up to the request length")
             if op is BlockOp.WRITE and self.read_only:
                 raise OSError(errno.EROFS, "read-only disk")

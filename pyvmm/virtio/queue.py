@@ -502,19 +502,52 @@ class DescriptorChain:
     def __len__(self) -> int:
         return len(self._descs)
 
-    def readable_views(self) -> list[memoryview]:
-        """Zero-copy views of the device-readable buffers, in chain order."""
-        ram, base = self._ram, self._base
-        return [ram[a - base:a - base + n] for a, n, _ in self._descs[:self.n_readable]]
+    def readable_views(self, start: int = 0, end: int | None = None) -> list[memoryview]:
+        """Zero-copy views of the device-readable buffers, in chain order.
 
-    def writable_views(self) -> list[memoryview]:
-        """Zero-copy views of the device-writable buffers, in chain order."""
+        With ``start``/``end``: views of the bytes ``[start, end)`` of the readable
+        part taken as one byte string, whatever the descriptor boundaries (§2.6.4;
+        empty pieces left out).
+        """
+        descs = self._descs[:self.n_readable]
+        if end is None and start == 0:
+            ram, base = self._ram, self._base
+            return [ram[a - base:a - base + n] for a, n, _ in descs]
+        return self._range_views(descs, start, self.readable_len if end is None else end)
+
+    def writable_views(self, start: int = 0, end: int | None = None) -> list[memoryview]:
+        """Zero-copy views of the device-writable buffers, in chain order
+        (``start``/``end``: a byte range of the writable part, as :meth:`readable_views`)."""
+        descs = self._descs[self.n_readable:]
+        if end is None and start == 0:
+            ram, base = self._ram, self._base
+            return [ram[a - base:a - base + n] for a, n, _ in descs]
+        return self._range_views(descs, start, self.writable_len if end is None else end)
+
+    def _range_views(self, descs: list[tuple[int, int, int]], start: int, end: int) -> list[memoryview]:
+        """Views of the bytes ``[start, end)`` of ``descs`` taken end to end."""
         ram, base = self._ram, self._base
-        return [ram[a - base:a - base + n] for a, n, _ in self._descs[self.n_readable:]]
+        out = []
+        pos = 0                                 # where the current descriptor starts
+        for addr, n, _ in descs:
+            stop = pos + n
+            if stop > start:                    # ends after start: it may hold some
+                lo = start - pos if start > pos else 0
+                hi = end - pos if end < stop else n
+                if lo < hi:
+                    off = addr - base
+                    out.append(ram[off + lo:off + hi])
+            if stop >= end:
+                break
+            pos = stop
+        return out
 
     def read_readable(self, limit: int | None = None) -> bytes:
         """Copy the readable part out as one byte string (at most ``limit`` bytes)."""
         want = self.readable_len if limit is None else min(limit, self.readable_len)
+        if self.n_readable and self._descs[0][1] >= want:  # the common case: one descriptor has it
+            off = self._descs[0][0] - self._base
+            return bytes(self._ram[off:off + want])
         out = bytearray()
         for view in self.readable_views():
             if len(out) >= want:

@@ -80,6 +80,28 @@ def test_views_are_zero_copy_and_scatter_spans_buffers():
     assert chain.read_readable(limit=2) == b"Hd"
 
 
+@given(sizes=st.lists(st.integers(0, 6), min_size=1, max_size=5), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_range_views_are_the_byte_range_whatever_the_descriptor_boundaries(sizes, data):
+    """§2.6.4: readable_views(start, end) / writable_views(start, end) are the bytes
+    [start, end) of the part taken end to end (empty pieces left out), against slicing
+    the joined bytes; zero-length descriptors included."""
+    p = Pair(16)
+    readable = [bytes(range(10 * i, 10 * i + n)) for i, n in enumerate(sizes)]
+    p.mq.add_chain(readable, sizes)
+    chain = p.q.pop()
+    joined = b"".join(readable)
+    start = data.draw(st.integers(0, len(joined)))
+    end = data.draw(st.integers(start, len(joined)))
+    views = chain.readable_views(start, end)
+    assert b"".join(map(bytes, views)) == joined[start:end]
+    assert all(len(v) for v in views)
+    wviews = chain.writable_views(start, end)
+    assert sum(map(len, wviews)) == end - start and all(len(v) for v in wviews)
+    assert b"".join(map(bytes, chain.writable_views(start))) == b"\xee" * (len(joined) - start)
+    assert chain.read_readable(limit=end) == joined[:end]
+
+
 def test_write_writable_stops_at_the_end_of_the_chain():
     p = Pair()
     p.mq.add_chain([], [3])
