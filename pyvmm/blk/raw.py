@@ -87,6 +87,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 #: fallocate errnos that mean "not on this file system": try the next way
 _UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL}
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# the members the per-request path compares with (an enum class lookup costs ~0.1 us)
+_READ, _WRITE, _FLUSH = BlockOp.READ, BlockOp.WRITE, BlockOp.FLUSH
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -221,18 +223,18 @@ class RawBackend:
 
     def _one(self, req: BlockRequest) -> None:
         op = req.op
-        if op is BlockOp.FLUSH:
+        if op is _FLUSH:
             os.fdatasync(self.fd)
             return
         # the device checked the range; a backend checks again before touching the file
         if req.offset < 0 or req.length < 0 or req.offset + req.length > self.size:
             raise OSError(errno.EINVAL, "request outside the disk")
-        if op is BlockOp.READ or op is BlockOp.WRITE:
+        if op is _READ or op is _WRITE:
             if sum(map(len, req.buffers)) != req.length:
                 raise OSError(errno.EINVAL, "buffers do not add up to the request length")
-            if op is BlockOp.WRITE and self.read_only:
+            if op is _WRITE and self.read_only:
                 raise OSError(errno.EROFS, "read-only disk")
-            if op is BlockOp.WRITE and self.probed and req.offset < PROBE_BYTES \
+            if op is _WRITE and self.probed and req.offset < PROBE_BYTES \
                     and self._would_change_format(req):
                 self.format_writes_refused += 1
                 if self.format_writes_refused == 1:
@@ -240,7 +242,7 @@ class RawBackend:
                                    "the start of a raw image whose format was probed; refused "
                                    "(give format=raw to allow it)", self.path)
                 raise OSError(errno.EPERM, "write of an image format's magic to a probed raw image")
-            call = os.preadv if op is BlockOp.READ else os.pwritev
+            call = os.preadv if op is _READ else os.pwritev
             if self.direct_fd >= 0:
                 if self._aligned(req):
                     try:
