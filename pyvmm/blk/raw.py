@@ -117,10 +117,13 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return views
 
 
-def _transfer(call, fd: int, views: Sequence[memoryview], offset: int) -> None:
-    """``os.preadv`` / ``os.pwritev`` until every byte moved (short transfers repeat)."""
-    views = list(filter(len, views))
-    left = sum(map(len, views))
+def _transfer(call, fd: int, views: Sequence[memoryview], offset: int, left: int) -> None:
+    """``os.preadv`` / ``os.pwritev`` of the ``left`` bytes of ``views`` (their total) until
+    every byte moved (short transfers repeat).  Empty views are harmless to both calls
+    and :func:`_advance` drops them; only beyond IOV_MAX views are they left out first, so
+    that no call gets only empty ones (its 0 would read as the end of the file)."""
+    if len(views) > _IOV_MAX:
+        views = [v for v in views if len(v)]
     while left:
         n = call(fd, views[:_IOV_MAX], offset)
         if n == 0:      # the file shrank under us (someone else truncated it)
@@ -246,13 +249,13 @@ class RawBackend:
             if self.direct_fd >= 0:
                 if self._aligned(req):
                     try:
-                        _transfer(call, self.direct_fd, req.buffers, req.offset)
+                        _transfer(call, self.direct_fd, req.buffers, req.offset, req.length)
                         return
                     except OSError as e:
                         if e.errno != errno.EINVAL:
                             raise
                 self.direct_fallbacks += 1
-            _transfer(call, self.fd, req.buffers, req.offset)
+            _transfer(call, self.fd, req.buffers, req.offset, req.length)
             return
         if self.read_only:
             raise OSError(errno.EROFS, "read-only disk")
@@ -307,6 +310,6 @@ class RawBackend:
             self._zeroes = memoryview(bytes(ZERO_CHUNK))
         while length:
             n = min(length, ZERO_CHUNK)
-            _transfer(os.pwritev, self.fd, [self._zeroes[:n]], offset)
+            _transfer(os.pwritev, self.fd, [self._zeroes[:n]], offset, n)
             offset += n
             length -= n

@@ -16,7 +16,7 @@ from pyvmm.blk import detect_format, open_backend
 from pyvmm.blk import lock as lock_mod
 from pyvmm.blk import raw as raw_mod
 from pyvmm.blk.backend import BlockOp, BlockRequest
-from pyvmm.blk.raw import RawBackend
+from pyvmm.blk.raw import _IOV_MAX, RawBackend
 from pyvmm.errors import ConfigError
 from pyvmm.machine import DiskConfig
 
@@ -79,6 +79,20 @@ def test_short_transfers_are_repeated(backend, image, monkeypatch):
     assert backend.execute([BlockRequest(BlockOp.READ, 0, 1024, _views(buf, 1000, 24))]) == [0]
     assert bytes(buf) == bytes(new) == image.read_bytes()[:1024]
     assert len(calls) > 4
+
+
+def test_empty_views_anywhere_and_more_views_than_iov_max(backend, image):
+    """Empty buffers before, between and after the data, and more views than one
+    preadv/pwritev takes (IOV_MAX) with the first IOV_MAX of them empty: every byte moves."""
+    empty = [memoryview(bytearray(0))] * (_IOV_MAX + 3)
+    new = bytearray(os.urandom(2048))
+    views = empty + _views(new, 512, 0, 1024, 512) + empty[:2]
+    assert backend.execute([BlockRequest(BlockOp.WRITE, 4096, 2048, views)]) == [0]
+    assert image.read_bytes()[4096:6144] == new
+    buf = bytearray(2048)
+    views = empty[:1] + _views(buf, 1024, 0, 1024) + empty
+    assert backend.execute([BlockRequest(BlockOp.READ, 4096, 2048, views)]) == [0]
+    assert buf == new
 
 
 def test_a_file_truncated_under_the_backend_gives_eio_not_a_hang(backend, image):
