@@ -95,9 +95,8 @@ the notification steps (~0.9 us) and the interrupt (~1.2 us) are per turn,
 not per request, and turns are rarer than batches: in a 16,384-request
 ``blk-load`` run under KVM the loop went round ~65 times (blocking in select
 5-14 times), the batches held 32 requests and the polling guest took one
-interrupt.  "before" is the first
-version (a generic byte-range walk over views, enum lookups per request, a
-dataclass without slots).
+interrupt.  "before" is the first version (a generic byte-range walk over
+views, enum lookups per request, a dataclass without slots).
 
 Threads: as vsock (:mod:`pyvmm.vsock.device`): all state belongs to the I/O
 thread; ``activate``/``reset`` wait for it (bounded), ``queue_notify`` hands

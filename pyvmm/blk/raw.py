@@ -104,15 +104,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def _advance(views: list[memoryview], n: int) -> list[memoryview]:
-    """``views`` without their first ``n`` bytes."""
+def _advance(views: Sequence[memoryview], n: int) -> Sequence[memoryview]:
+    """``views`` (a list or a tuple) without their first ``n`` bytes."""
     while n:
         first = len(views[0])
         if n >= first:
             views = views[1:]
             n -= first
         else:
-            views = [views[0][n:]] + views[1:]
+            views = [views[0][n:], *views[1:]]
             n = 0
     return views
 

@@ -79,6 +79,9 @@ def test_short_transfers_are_repeated(backend, image, monkeypatch):
     assert backend.execute([BlockRequest(BlockOp.READ, 0, 1024, _views(buf, 1000, 24))]) == [0]
     assert bytes(buf) == bytes(new) == image.read_bytes()[:1024]
     assert len(calls) > 4
+    again = bytearray(1024)             # buffers as a tuple (BlockRequest's default type)
+    assert backend.execute([BlockRequest(BlockOp.READ, 0, 1024, tuple(_views(again, 1000, 24)))]) == [0]
+    assert again == buf
 
 
 def test_empty_views_anywhere_and_more_views_than_iov_max(backend, image):
