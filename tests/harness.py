@@ -13,14 +13,16 @@ import itertools
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
 from pyvmm import images
-from pyvmm.machine import Machine, MachineConfig, RunResult, VsockConfig
+from pyvmm.machine import ExitStatus, Machine, MachineConfig, RunResult, VsockConfig
 
 #: e2e test ids this session hands to the lab, and the lab run's summary line
 LAB_NODEIDS = pytest.StashKey[list]()
@@ -36,6 +38,7 @@ class GuestRun:
     virtio: list = field(default_factory=list)     # transport snapshots at the end
     vsock: dict | None = None                      # vsock counters at the end
     blk: list = field(default_factory=list)        # each disk's counters at the end
+    vcpus: tuple = ()             # where each vCPU was, if the run timed out (a hang's report)
 
     @property
     def lines(self) -> list[str]:
@@ -44,7 +47,8 @@ class GuestRun:
     def explain(self) -> str:
         """Everything a failing assertion should show."""
         tail = "\n".join(self.lines[-40:])
-        return (f"status {self.result.status}: {self.result.reason}\ncmdline: {self.cmdline}\n"
+        where = "".join(f"{line}\n" for line in self.vcpus)
+        return (f"status {self.result.status}: {self.result.reason}\n{where}cmdline: {self.cmdline}\n"
                 f"--- console (last 40 lines) ---\n{tail}")
 
 
@@ -85,6 +89,16 @@ class _Console:
                                          f"\n--- console tail ---\n"
                                          + "\n".join(self.text().splitlines()[-30:]))
                 self._cond.wait(min(left, 1.0))
+
+
+def _named_rips(states: list[str], kernel: str) -> tuple[str, ...]:
+    """``Machine.vcpu_states()`` lines, each RIP named from the kernel's symbols when it
+    is an ELF with them (tests/lab/kvm_trace.py's symbolizer: ``nm``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "lab"))
+    from kvm_trace import symbolizer
+    name = symbolizer(Path(kernel))
+    return tuple(re.sub(r"RIP (0x[0-9a-f]+)", lambda m: f"{m[0]} {name(int(m[1], 16))}".rstrip(),
+                        line) for line in states)
 
 
 class LiveGuest:
@@ -157,7 +171,9 @@ class LiveGuest:
                         tuple((r.code, r.seconds) for r in vm.boot_timer.records),
                         [slot.transport.snapshot() for slot in vm.virtio_slots],
                         vm.vsock_device.counters() if vm.vsock_device is not None else None,
-                        [dev.counters() for dev in vm.blk_devices])
+                        [dev.counters() for dev in vm.blk_devices],
+                        _named_rips(vm.vcpu_states(), self.config.kernel)
+                        if self._result.status == ExitStatus.TIMEOUT else ())
 
     def type(self, data: bytes) -> None:
         """Send ``data`` to the guest's serial port (``stdin="pipe"``)."""

@@ -74,7 +74,7 @@ def excerpt(lines: int = 200, vmlinux: Path | None = None) -> str:
     built without modules, so nothing of theirs lives in the module area), and seeing it
     means the emulated VMRUN handed the outer kernel's RIP to the guest."""
     text = (TRACING / "trace").read_text(errors="replace").splitlines()[-lines:]
-    guest = _symbolizer(vmlinux) if vmlinux else (lambda rip: "")
+    guest = symbolizer(vmlinux) if vmlinux else (lambda rip: "")
     outer = _outer_symbolizer()
 
     def name(rip: int) -> str:
@@ -99,7 +99,7 @@ def _outer_symbolizer(kallsyms: Path = Path("/proc/kallsyms")):
     return _namer(syms, 0x10000, f"outer {OUTER_MODULE}:", past_last=False)
 
 
-def _symbolizer(vmlinux: Path):
+def symbolizer(vmlinux: Path):
     """rip -> "<symbol+0xoff>" from ``nm`` of the guest kernel, or "" (no nm, not a text RIP)."""
     try:
         out = subprocess.run(["nm", "-n", str(vmlinux)], capture_output=True, text=True,
