@@ -1,7 +1,7 @@
 /*
  * pyvmm-agent -- run commands and move files for the host, over vsock.
  *
- *     pyvmm-agent [--port PORT] [--tcp IP:PORT] [--background]
+ *     pyvmm-agent [--port PORT] [--tcp IP:PORT] [--background] [--io-timeout SEC]
  *
  * Listens on AF_VSOCK port PORT (default AGENT_PORT, 10000; CID any), or with --tcp on an IPv4
  * TCP address instead (port 0: any free port) -- the same protocol, so the host's unit tests
@@ -9,6 +9,7 @@
  * starts it with --background when the kernel cmdline has pyvmm.agent=PORT (or =1: the
  * default port): then the first process exits 0 once the socket listens, and a child in a
  * session of its own serves it, so /init knows the agent is reachable before its ready line.
+ * --io-timeout SEC replaces both FRAME_TIMEOUT_S and SEND_TIMEOUT_S (30 s; tests use 1 s).
  *
  * The protocol is pyvmm/agent/wire.py's docstring (the one description; names here are
  * verbatim). In short: a frame is a 5-byte header, u32 payload length (little endian, at most
@@ -88,13 +89,15 @@ enum state { S_HELLO, S_IDLE, S_EXEC, S_PUT, S_GET };
 
 static volatile sig_atomic_t stop, child_event;
 static unsigned long session_id;
+static int frame_timeout = FRAME_TIMEOUT_S, send_timeout = SEND_TIMEOUT_S;	/* --io-timeout */
 
 static void on_stop(int sig) { (void)sig; stop = 1; }
 static void on_child(int sig) { (void)sig; child_event = 1; }
 
 static int usage(void)
 {
-	fprintf(stderr, "usage: pyvmm-agent [--port PORT] [--tcp IP:PORT] [--background]\n");
+	fprintf(stderr, "usage: pyvmm-agent [--port PORT] [--tcp IP:PORT] [--background] "
+		"[--io-timeout SEC]\n");
 	return 2;
 }
 
@@ -171,7 +174,7 @@ static void __attribute__((noreturn)) end_session(int code, const char *reason)
 	if (code) {
 		say("closing: %s", reason, 0);
 		fcntl(s.conn, F_SETFL, 0);
-		vsock_set_timeout(s.conn, SEND_TIMEOUT_S);
+		vsock_set_timeout(s.conn, send_timeout);
 		if (s.out_len == 0 || write_all(s.conn, s.out + s.out_off, s.out_len) == 0) {
 			put_u32(frame, 4 + n);
 			frame[4] = ERROR;
@@ -509,7 +512,7 @@ static void __attribute__((noreturn)) serve(int conn, const sigset_t *during_pol
 	memset(&s, 0, sizeof(s));
 	s.conn = conn;
 	s.pidfd = s.fd_in = s.fd_out[0] = s.fd_out[1] = s.file = -1;
-	s.in_since = now_s();	/* the host's HELLO is due within FRAME_TIMEOUT_S */
+	s.in_since = now_s();	/* the host's HELLO is due within frame_timeout */
 	memcpy(hello, AGENT_MAGIC, 4);
 	put_u32(hello + 4, AGENT_VERSION);
 	queue_frame(HELLO, hello, sizeof(hello));
@@ -545,9 +548,9 @@ static void __attribute__((noreturn)) serve(int conn, const sigset_t *during_pol
 			pfd[i].revents = 0;
 
 		if (s.in_since)
-			until = earliest(until, s.in_since + FRAME_TIMEOUT_S);
+			until = earliest(until, s.in_since + frame_timeout);
 		if (s.out_len)
-			until = earliest(until, s.out_since + SEND_TIMEOUT_S);
+			until = earliest(until, s.out_since + send_timeout);
 		if (s.state == S_EXEC && !s.exited)
 			until = earliest(until, s.deadline);
 		if (s.state == S_EXEC && s.exited && (s.fd_out[0] >= 0 || s.fd_out[1] >= 0))
@@ -607,11 +610,13 @@ static void __attribute__((noreturn)) serve(int conn, const sigset_t *during_pol
 					close(s.fd_out[i]);
 					s.fd_out[i] = -1;
 				}
-		if (s.in_since && now >= s.in_since + FRAME_TIMEOUT_S)
+		if (s.in_since && now >= s.in_since + frame_timeout)
 			end_session(TIMEOUT, s.state == S_HELLO ? "no HELLO in time"
 							       : "frame not finished in time");
-		if (s.out_len && now >= s.out_since + SEND_TIMEOUT_S)
-			end_session(0, "");	/* the host does not read: give up */
+		if (s.out_len && now >= s.out_since + send_timeout) {
+			say("the host took no frame in %s s: closing", "the --io-timeout", 0);
+			end_session(0, "");	/* an ERROR would not get through either */
+		}
 	}
 }
 
@@ -654,6 +659,7 @@ int main(int argc, char **argv)
 		{ "port", required_argument, NULL, 'p' },
 		{ "tcp", required_argument, NULL, 't' },
 		{ "background", no_argument, NULL, 'b' },
+		{ "io-timeout", required_argument, NULL, 'T' },
 		{ NULL, 0, NULL, 0 },
 	};
 	unsigned long long port = AGENT_PORT;
@@ -675,6 +681,14 @@ int main(int argc, char **argv)
 			tcp = optarg;
 		if (opt == 'b')
 			background = 1;
+		if (opt == 'T') {
+			unsigned long long sec;
+			if (vsock_parse_num(optarg, &sec) < 0 || sec == 0 || sec > 3600) {
+				fprintf(stderr, "pyvmm-agent: bad --io-timeout '%s' (1 .. 3600)\n", optarg);
+				return usage();
+			}
+			frame_timeout = send_timeout = sec;
+		}
 		if (opt == '?')
 			return usage();
 	}

@@ -291,6 +291,10 @@ class Agent:
         and all was sent."""
         if self.closed:
             raise AgentError("this Agent is closed (after an error, or by close())")
+        if on_frame is not None:         # between requests the agent has nothing to say
+            self._receive_now()
+            if self._frames:
+                self._unexpected(self._frames[0], "nothing between requests")
         pending = memoryview(b"")
         finished = on_frame is None
         exhausted = False
@@ -353,6 +357,13 @@ class Agent:
                 raise AgentProtocolError(f"the agent reports an error: "
                                          f"{_code_name(code)}: {reason}", code, by_agent=True)
         self._frames.extend(frames)
+
+    def _receive_now(self) -> None:
+        """Take what has arrived already, without waiting."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._sock, selectors.EVENT_READ)
+            if sel.select(0):
+                self._receive()
 
     def _next_frame(self, deadline: float) -> Frame:
         with selectors.DefaultSelector() as sel:
