@@ -580,6 +580,8 @@ static void __attribute__((noreturn)) serve(int conn, const sigset_t *during_pol
 		}
 		if ((pfd[0].revents & (POLLIN | POLLHUP | POLLERR)) && may_read && receive() < 0)
 			end_session(0, "");	/* the host closed: kill the command, if any */
+		if ((pfd[0].revents & (POLLHUP | POLLERR)) && !may_read)
+			end_session(0, "");	/* gone both ways (reported whether asked or not) */
 		if (pfd[3].revents && s.fd_in >= 0) {
 			ssize_t n = write(s.fd_in, s.stdin_buf + s.stdin_off, s.stdin_len);
 			if (n < 0 && errno != EAGAIN && errno != EINTR)
@@ -720,7 +722,7 @@ int main(int argc, char **argv)
 		alen = sizeof(struct sockaddr_vm);
 	}
 
-	lfd = socket(addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	lfd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (lfd < 0 || (tcp && setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0) ||
 	    bind(lfd, (struct sockaddr *)&addr, alen) < 0 || listen(lfd, BACKLOG) < 0 ||
 	    getsockname(lfd, (struct sockaddr *)&addr, &alen) < 0) {

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.agent import Agent, AgentBusy, AgentProtocolError
+from pyvmm.agent import Agent, AgentBusy, AgentError, AgentProtocolError
 from pyvmm.agent import wire
 from pyvmm.agent.wire import ErrorCode, FrameDecoder, FrameType
 
@@ -297,15 +297,24 @@ def test_a_host_that_stops_reading_is_given_up_and_its_command_killed(agent_proc
 def test_sigterm_ends_the_agent_its_sessions_and_their_commands(agent_proc, tmp_path):
     pidfile = tmp_path / "pid"
     a = agent_proc.client()
-    done = threading.Event()
-    threading.Thread(target=lambda: (pytest.raises(Exception, a.run, f"echo $$ > {pidfile}; "
-                                                   "exec sleep 60"), done.set()),
-                     daemon=True).start()
+    outcome = []
+    client = threading.Thread(target=lambda: outcome.append(
+        catch(a.run, f"echo $$ > {pidfile}; exec sleep 60")), daemon=True)
+    client.start()
     wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), "the command started")
     status, out = agent_proc.stop()
     assert status == 0 and out == "pyvmm-agent: done 1\n"
     wait_until(lambda: gone(int(pidfile.read_text())), "the command killed with its session")
-    assert done.wait(TIMEOUT)            # the client saw the connection end
+    client.join(TIMEOUT)
+    assert outcome and isinstance(outcome[0], AgentError), outcome   # the client saw the end
+
+
+def catch(fn, *args):
+    """fn's exception, or its result."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
 
 
 # -- hostile frames to the agent ------------------------------------------------------------------
@@ -469,3 +478,14 @@ def test_pyvmm_exec_timeout_is_124_and_an_unreachable_agent_255(agent_proc, tmp_
     assert b"killed after --timeout 0.3 s" in done.stderr
     missing = pyvmm_exec("--uds", str(tmp_path / "nothing.sock"), "--", "true")
     assert missing.returncode == 255 and missing.stderr.startswith(b"pyvmm exec: ")
+
+
+def test_a_background_process_holding_the_output_does_not_hold_the_result(agent, tmp_path):
+    """The shell exits at once; its background child keeps stdout open for 30 s. EXIT comes
+    EXIT_DRAIN_MS after the shell's end, not when the pipe closes."""
+    pidfile = tmp_path / "bg.pid"
+    t0 = time.monotonic()
+    r = agent.run(f"sleep 30 & echo $! > {pidfile}; echo started")
+    assert r.ok and r.stdout == b"started\n"
+    assert time.monotonic() - t0 < 20
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
