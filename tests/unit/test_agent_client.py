@@ -390,9 +390,7 @@ def test_hostile_frames_get_an_error_frame_and_the_connection_closes(agent_proc,
     with agent_proc.socket() as sock:
         expect_frames(sock, [FrameType.HELLO])
         sock.sendall(data)
-        t0 = time.monotonic()
-        frames = read_frames(sock)       # ends: the agent closes
-        assert time.monotonic() - t0 < IO_TIMEOUT_S + 10
+        frames = read_frames(sock)       # ends: the agent closes (a hang: the socket's timeout)
     assert frames[-1].type is FrameType.ERROR, frames
     assert wire.parse_error(frames[-1].payload)[0] == code
     assert re.search(r"^pyvmm-agent: session 1: closing: ", agent_proc.stderr(), re.MULTILINE)
