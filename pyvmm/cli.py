@@ -1,4 +1,5 @@
-"""The command line: ``pyvmm run`` boots a guest, ``pyvmm info`` describes the host.
+"""The command line: ``pyvmm run`` boots a guest, ``pyvmm info`` describes the host,
+``pyvmm exec`` runs a command in a running guest (:mod:`pyvmm.agent.command`).
 
 Conventions follow kvmtool / Firecracker / cloud-hypervisor where they agree:
 ``--kernel``, ``--initrd``, ``--cmdline``, ``--mem`` (a size, default unit
@@ -22,6 +23,7 @@ import termios
 import tty
 
 from . import affinity, images, layout
+from .agent import command as agent_command
 from .errors import ConfigError, PyvmmError
 from .kvm.host import KvmFlavour, detect
 
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "to PATH when the run ends")
 
     sub.add_parser("info", help="what KVM this host has, and the default images")
+    agent_command.add_parser(sub)
     return parser
 
 
@@ -354,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             return cmd_info()
+        if args.command == "exec":
+            return agent_command.run(args)
         with _terminate_like_ctrl_c():
             return cmd_run(args)
     except KeyboardInterrupt as e:      # before the machine ran (it handles them once it runs)

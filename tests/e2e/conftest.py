@@ -1,7 +1,8 @@
 """The Linux guest the e2e tests share: one boot per session, whatever subset runs, in any order.
 
 The guest is the default kernel and initramfs with 2 vCPUs and a vsock device (CID 3, the
-Firecracker-style Unix socket in a temporary directory).  Its console runs a command loop
+Firecracker-style Unix socket in a temporary directory), booted with ``pyvmm.agent=1``: /init
+starts the guest agent on vsock port 10000 before its ready line (tests/e2e/test_agent.py).  Its console runs a command loop
 (:class:`harness.ShellGuest`): a test types the commands it needs (a guest-side server on a
 port of its own, a client) and reads back only their own output and exit status.  No test
 relies on another having run before it, or reads what another left; a test that needs a
@@ -40,7 +41,7 @@ def linux_session(tmp_path_factory):
     uds = str(tmp_path_factory.mktemp("vsock") / "v.sock")
     guest = ShellGuest(images.default_kernel(), initrd=images.default_initramfs(),
                        cpus=GUEST_CPUS, mem=GUEST_MEM, timeout=GUEST_TIMEOUT,
-                       vsock=VsockConfig(GUEST_CID, uds))
+                       vsock=VsockConfig(GUEST_CID, uds), cmdline="pyvmm.agent=1")
     with guest:
         guest.wait_ready()
         guest.uds = uds
