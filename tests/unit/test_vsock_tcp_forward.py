@@ -275,7 +275,7 @@ def test_a_full_connection_table_resets_the_client_and_pauses_the_listener():
         g.close()
 
 
-def test_accept_at_the_fd_limit_pauses_the_listener_instead_of_spinning():
+def test_tcp_accept_at_the_fd_limit_pauses_the_listener_instead_of_spinning():
     """EMFILE on accept() leaves the client queued and the listener readable: it pauses
     for ACCEPT_RETRY (the loop goes idle) and serves the client once fds are free."""
     g, fwd = forward_guest(TcpToVsock("127.0.0.1", 0, 80))
