@@ -283,6 +283,31 @@ def freestanding(scenario: str, **kw) -> GuestRun:
     return run_guest(images.freestanding_guest(), cmdline=scenario, **kw)
 
 
+# --- the host's loopback interface -------------------------------------------------------------
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1     # linux/sockios.h, linux/if.h
+_IFREQ_FLAGS = "16sh14x"                # struct ifreq: ifr_name[IFNAMSIZ], then short ifr_flags
+
+
+def loopback_up() -> str | None:
+    """Bring the host's loopback interface ``lo`` up if it is down; None once it is up, else
+    why it cannot be.  The lab's outer Linux starts with ``lo`` down (its init configures no
+    network: 127.0.0.1 is then ENETUNREACH), and TCP forwarding's host end is TCP on
+    127.0.0.1.  An interface flag set with SIOCSIFFLAGS, as ``ip link set lo up`` does: no
+    program needed; Linux adds 127.0.0.1/8 and ::1 itself when ``lo`` comes up."""
+    import fcntl
+    import struct
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = fcntl.ioctl(s, _SIOCGIFFLAGS, struct.pack(_IFREQ_FLAGS, b"lo", 0))
+        flags = struct.unpack(_IFREQ_FLAGS, ifreq)[1]
+        if flags & _IFF_UP:
+            return None
+        try:
+            fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack(_IFREQ_FLAGS, b"lo", flags | _IFF_UP))
+        except OSError as e:
+            return f"the host's loopback interface is down and cannot be brought up: {e}"
+    return None
+
+
 # --- the Firecracker-style Unix host end, as a host program uses it ---------------------------
 def connect_unix(uds: str, port: int, kind=socket.SOCK_STREAM, timeout: float = 60) -> socket.socket:
     """Host-initiated vsock connection: ``CONNECT <port>\\n`` on ``uds``, expect
