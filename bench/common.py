@@ -60,13 +60,14 @@ class WorkloadFailed(Exception):
 
 def pyvmm_argv(elf: Path, scenario: str, uds: Path, *, metrics: Path | None = None,
                timeout: float = 300.0, placement: "Placement | None" = None,
-               vsock: str = "", cid: int = GUEST_CID) -> list[str]:
+               vsock: str = "", cid: int = GUEST_CID, extra: tuple[str, ...] = ()) -> list[str]:
     """``pyvmm run`` with the freestanding guest and a vsock device (CID ``cid``, 3) on
     ``uds``, its threads placed with ``--vcpu-affinity`` / ``--io-affinity``;
-    ``vsock`` adds options to ``--vsock`` (e.g. ``proto=rfc2013,pairs=4``, ``group=DIR``)."""
+    ``vsock`` adds options to ``--vsock`` (e.g. ``proto=rfc2013,pairs=4``, ``group=DIR``);
+    ``extra``: more ``run`` arguments (e.g. ``--forward ...``)."""
     argv = [sys.executable, "-m", "pyvmm", "-q", "run", "--kernel", str(elf),
             "--cmdline", scenario, "--vsock", f"{cid},uds={uds}" + (f",{vsock}" if vsock else ""),
-            "--timeout", f"{timeout:g}"]
+            "--timeout", f"{timeout:g}", *extra]
     if placement is not None:
         argv += placement.pyvmm_args()
     if metrics is not None:

@@ -138,6 +138,13 @@ def _rows() -> list[tuple]:
         Row("draft, 4 queue pairs", "modes.echo4.rfc2013-4pairs", None, "modes.echo4.virtio"),
         Row("standard (one rx/tx pair)", "modes.echo4.virtio"),
     ], "standard"))
+    sections.append(("TCP forwarding (--forward, loopback TCP host end) against the Unix host end, "
+                     "64 KiB writes (Gb/s, higher is better)", [
+        Row("guest->host", "fwd.g2h.64k", None, "pyvmm.g2h.64k"),
+        Row("host->guest", "fwd.h2g.64k", None, "pyvmm.h2g.64k"),
+        Row("guest->host, CPU s/GB excl. vCPU thr.", "fwd.cpu.g2h.64k", None, "pyvmm.cpu.g2h.64k"),
+        Row("host->guest, CPU s/GB excl. vCPU thr.", "fwd.cpu.h2g.64k", None, "pyvmm.cpu.h2g.64k"),
+    ], "Unix"))
     sections.append(("VM-to-VM through a vsock group (two pyvmm processes), beside host<->guest", [
         Row("guest->guest 64 KiB (Gb/s)", "v2v.bulk.64k", None, "pyvmm.g2h.64k"),
         Row("guest->guest RTT 64 B, mean (us)", "v2v.rtt.64b.mean", None, "pyvmm.rtt.64.p50"),

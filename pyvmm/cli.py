@@ -101,6 +101,15 @@ def parse_vsock(text: str):
     return VsockConfig(cid, uds, conn_buf_size=buf, proto=proto, pairs=pairs, group=group)
 
 
+def parse_forward(text: str):
+    """'tcp:[ADDR:]PORT=vsock:GUESTPORT' or 'vsock:PORT=tcp:HOST:PORT' (pyvmm.vsock.tcp)."""
+    from .vsock.tcp import parse_forward as parse
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid --forward {text!r}: {e}") from None
+
+
 def parse_disk(text: str):
     """'PATH[,ro][,cache=writeback|none][,serial=ID][,format=FMT]' -> DiskConfig (the path
     may not hold a comma).  The image itself is checked when the machine is built."""
@@ -158,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "(PATH.dgram, PATH_P.dgram); group=DIR: pyvmm processes given the same "
                      "DIR carry packets between their guests' CIDs (VM-to-VM; a CID already "
                      "in the group is refused)")
+    run.add_argument("--forward", type=parse_forward, action="append", default=[],
+                     metavar="tcp:[ADDR:]PORT=vsock:GUESTPORT | vsock:PORT=tcp:HOST:PORT",
+                     help="TCP forwarding through the vsock device (needs --vsock); repeat "
+                     "for more. tcp:[ADDR:]PORT=vsock:GUESTPORT: a host TCP listener on "
+                     "ADDR:PORT (default address 127.0.0.1; IPv6 as [::1]:PORT; port 0: "
+                     "the kernel picks one, logged) whose connections reach guest vsock "
+                     "port GUESTPORT. vsock:PORT=tcp:HOST:PORT: guest connections to CID 2 "
+                     "port PORT are connected to the host TCP address (refused or "
+                     "unreachable: the guest gets a reset). In the guest, "
+                     "vsock-tcp-relay carries a vsock port to a guest TCP port and back")
     run.add_argument("--disk", type=parse_disk, action="append", default=[],
                      metavar="PATH[,ro][,cache=writeback|none][,serial=ID][,format=FMT]",
                      help="a virtio-blk disk backed by the image PATH; repeat for more "
@@ -244,7 +263,12 @@ def _names_a_root(cmdline: str) -> bool:
 
 def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig   # numpy import only when a VM is made
+    from .vsock.tcp import VsockToTcp
 
+    if args.forward:
+        if args.vsock is None:
+            raise ConfigError("--forward needs a vsock device: add --vsock CID")
+        args.vsock.forwards = list(args.forward)
     _raise_nofile()
     vcpu_cpus = affinity.cpu_set(args.vcpu_affinity, "--vcpu-affinity")
     io_cpus = affinity.cpu_set(args.io_affinity, "--io-affinity")
@@ -286,6 +310,14 @@ def cmd_run(args) -> int:
                 log.info("vsock: guest CID %d%s%s", args.vsock.guest_cid,
                          f", host end {args.vsock.uds_path}" if args.vsock.uds_path else "",
                          f", group {args.vsock.group}" if args.vsock.group else "")
+                for forward in args.forward:
+                    if isinstance(forward, VsockToTcp):
+                        log.info("forward: guest connections to vsock port %d -> TCP %s port %d",
+                                 forward.port, forward.host, forward.host_port)
+            if vm.vsock_forward is not None:
+                for forward, (addr, port) in vm.vsock_forward.listening:
+                    log.info("forward: TCP %s port %d -> guest vsock port %d", addr, port,
+                             forward.guest_port)
             for i, (disk, dev) in enumerate(zip(args.disk, vm.blk_devices)):
                 log.info("disk vd%s: %s, %d sectors%s%s", chr(ord("a") + i),
                          disk.path, dev.capacity, ", read-only" if disk.read_only else "",

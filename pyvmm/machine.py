@@ -137,6 +137,8 @@ class VsockConfig:
     pairs: int | None = None
     #: the vsock group directory (VM-to-VM, pyvmm.vsock.group), or None
     group: str | None = None
+    #: TCP forwarding (``--forward``): pyvmm.vsock.tcp.TcpToVsock / VsockToTcp, any order
+    forwards: list = field(default_factory=list)
 
 
 @dataclass
@@ -322,11 +324,16 @@ class Machine:
         self.io_loop = EventLoop()
         self._closers.append(self.io_loop.close)
         devices = list(cfg.virtio_devices)
-        self.vsock_device = self.vsock_api = None
+        #: the vsock device, its Python API, and its TCP forwarding backend (or None):
+        #: ``vsock_forward.listening`` holds the addresses its listeners bound
+        self.vsock_device = self.vsock_api = self.vsock_forward = None
         if cfg.vsock is not None:
             from .vsock import VsockDevice, default_backends
-            # the Python API, then the Unix socket; the latter binds in attach_loop below
-            self.vsock_api, backends = default_backends(cfg.vsock.uds_path)
+            from .vsock.tcp import TcpForwardBackend
+            # the Python API, TCP forwarding, the Unix socket; the last two bind in
+            # attach_loop below (ConfigError: in use)
+            self.vsock_api, backends = default_backends(cfg.vsock.uds_path, cfg.vsock.forwards)
+            self.vsock_forward = next((b for b in backends if isinstance(b, TcpForwardBackend)), None)
             from .vsock.wire import WIRE_FORMATS
             kw = {} if cfg.vsock.conn_buf_size is None else {"conn_buf_size": cfg.vsock.conn_buf_size}
             wire = WIRE_FORMATS.get(cfg.vsock.proto)

@@ -58,5 +58,5 @@ def metric(key: str, unit: str, better: str, label: str) -> None:
 
 def load_all() -> list[Workload]:
     """Import every workload module (each registers itself), in table order."""
-    from . import ceilings, bulk, echo, connections, startup, draft, vm2vm, blk  # noqa: F401
+    from . import ceilings, bulk, echo, connections, startup, draft, forward, vm2vm, blk  # noqa: F401
     return WORKLOADS

@@ -18,10 +18,11 @@ every byte), and the guest's result line through
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
-from ..common import (Context, GuestProcess, NotAvailable, StreamCheck, WorkloadFailed, accept,
+from ..common import (WAIT, Context, GuestProcess, NotAvailable, StreamCheck, WorkloadFailed, accept,
                       check_guest_result, cpu_delta, firecracker_connect, gbit, guest_has,
                       pyvmm_argv, qemu_argv, size_label, size_name, teststream, unix_listener)
 from . import metric, workload
@@ -101,17 +102,28 @@ def pyvmm_g2h(ctx: Context) -> dict[str, float]:
     return out
 
 
-def pyvmm_g2h_once(ctx: Context, size: int, out: dict, prefix: str, vsock: str = "") -> None:
+def pyvmm_g2h_once(ctx: Context, size: int, out: dict, prefix: str, vsock: str = "",
+                   tcp: bool = False) -> None:
     """One pyvmm-bulk-g2h transfer of writes of ``size``, into ``out[prefix.g2h.<size>]``
-    (and the CPU keys); ``vsock``: more ``--vsock`` options (the draft rows)."""
+    (and the CPU keys); ``vsock``: more ``--vsock`` options (the draft rows); ``tcp``: the
+    host end is a TCP listener on 127.0.0.1 that ``--forward vsock:5000=tcp:...`` reaches,
+    not ``<uds>_5000``."""
     elf = ctx.need_elf()
     total = _total(ctx, size)
     uds = ctx.path(f"g2h-{size_name(size)}.sock")
-    listener = unix_listener(Path(f"{uds}_{PORT}"))
+    extra: tuple[str, ...] = ()
+    if tcp:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        extra = ("--forward", f"vsock:{PORT}=tcp:127.0.0.1:{listener.getsockname()[1]}")
+    else:
+        listener = unix_listener(Path(f"{uds}_{PORT}"))
     chunk = min(size, GUEST_VSOCK_CHUNK_MAX)
     scenario = f"vsock-bulk-send port={PORT} bytes={total} chunk={chunk} verify={ctx.verify}"
     check = StreamCheck(ctx.verify, total, f"{prefix} guest->host")
-    with listener, GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement, vsock=vsock),
+    with listener, GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement, vsock=vsock,
+                                           extra=extra),
                                 "pyvmm", stderr_path=ctx.stderr(f"{prefix}-g2h")) as guest:
         conn = accept(listener, guest)
         with conn:
@@ -142,17 +154,26 @@ def pyvmm_h2g(ctx: Context) -> dict[str, float]:
 
 
 def pyvmm_h2g_once(ctx: Context, size: int, out: dict, prefix: str, data: memoryview,
-                   vsock: str = "") -> None:
+                   vsock: str = "", tcp: bool = False) -> None:
     """One pyvmm-bulk-h2g transfer of writes of ``size`` (of ``data``, the test stream),
-    into ``out[prefix.h2g.<size>]`` (and the CPU keys); ``vsock`` as for g2h."""
+    into ``out[prefix.h2g.<size>]`` (and the CPU keys); ``vsock`` as for g2h; ``tcp``: the
+    host connects to a ``--forward tcp:127.0.0.1:P=vsock:5000`` listener, not ``CONNECT``
+    on ``uds`` (P: a port free a moment before pyvmm starts)."""
     elf = ctx.need_elf()
     total = _total(ctx, size)
     uds = ctx.path(f"h2g-{size_name(size)}.sock")
     scenario = f"vsock-bulk-recv port={PORT} bytes={total} listen=1 verify={ctx.verify}"
-    with GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement, vsock=vsock), "pyvmm",
-                      stderr_path=ctx.stderr(f"{prefix}-h2g")) as guest:
+    extra: tuple[str, ...] = ()
+    if tcp:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            tcp_port = probe.getsockname()[1]
+        extra = ("--forward", f"tcp:127.0.0.1:{tcp_port}=vsock:{PORT}")
+    with GuestProcess(pyvmm_argv(elf, scenario, uds, placement=ctx.placement, vsock=vsock, extra=extra),
+                      "pyvmm", stderr_path=ctx.stderr(f"{prefix}-h2g")) as guest:
         guest.wait_for(rf"^vsock listening {PORT}$")
-        with firecracker_connect(uds, PORT) as conn:
+        with (socket.create_connection(("127.0.0.1", tcp_port), timeout=WAIT) if tcp
+              else firecracker_connect(uds, PORT)) as conn:
             cpu0, t0 = guest.cpu(), time.perf_counter()
             for off in range(0, total, size):
                 conn.sendall(data[off:off + size])

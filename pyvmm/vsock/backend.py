@@ -10,7 +10,9 @@ programs reach the guest and the guest reaches them:
   convention (``CONNECT <port>`` on ``uds_path``, ``<uds_path>_<port>``);
 * :class:`~pyvmm.vsock.unix.VsockApi` -- the Python API (``connect``,
   ``listen``, ``counters``, ``transport_reset``);
-* later: VM-to-VM routing, TCP forwarding.
+* :class:`~pyvmm.vsock.tcp.TcpForwardBackend` -- TCP forwarding (``--forward``):
+  host TCP listeners whose connections reach guest ports, and guest ports of
+  CID 2 connected to host TCP addresses.
 
 The device is *given* its backends (``VsockDevice(guest_cid, backends)``) and
 never builds one; the machine builds them.  A backend reaches the device only
@@ -36,13 +38,20 @@ Life of a backend, as the device drives it::
                              if attach() failed or start() never came
 
 Guest-initiated connections: the device asks its backends *in the order it
-was given them* (the machine gives ``[VsockApi, UnixBackend]``,
-:func:`~pyvmm.vsock.unix.default_backends`: Python listeners first, then
-``<uds_path>_<port>``).  ``connect_guest`` returns a
+was given them* (the machine gives ``[VsockApi, TcpForwardBackend,
+UnixBackend]``, :func:`~pyvmm.vsock.unix.default_backends`: Python listeners
+first, then the ``--forward vsock:PORT=tcp:...`` ports, then
+``<uds_path>_<port>``; the most specific claim first: a listener a program
+opened at run time, then a port the command line names, then the catch-all
+convention).  ``connect_guest`` returns a
 connected non-blocking :class:`~pyvmm.vsock.connection.HostStream` (from
 then on the muxer owns it, and closes it when the connection ends), None
 ("not mine": ask the next backend), or raises ConnectionRefusedError ("mine,
-but refused": the guest gets an RST at once).
+but refused": the guest gets an RST at once).  A stream whose connect is
+still under way (a TCP connect) has the attribute ``connecting = True``: the
+guest's RESPONSE is then held until the backend calls
+:meth:`VsockHost.guest_connect_done` (ok: RESPONSE; not ok: RST); the backend
+bounds that wait itself, and sees the stream closed if the guest gives up first.
 
 Host-initiated connections: a backend calls
 :meth:`VsockHost.connect_host` with a stream it made (on the loop thread).
@@ -96,6 +105,13 @@ class VsockHost(Protocol):
         ``stream``.  Loop thread.
         """
 
+    def guest_connect_done(self, local_port: int, peer_port: int, stream: HostStream,
+                           ok: bool) -> None:
+        """``stream``, returned by ``connect_guest(local_port, vtype, (cid, peer_port))``
+        with ``connecting = True``, has connected (``ok``: the guest gets its RESPONSE) or
+        failed (the guest gets an RST; the muxer closes ``stream``).  A no-op if the
+        connection is gone meanwhile.  Loop thread."""
+
     def send_datagram(self, src_port: int, dst_port: int, data: bytes) -> bool:
         """Queue a datagram from host ``src_port`` to guest ``dst_port``; False if it
         was dropped (counted): no datagrams, too large, or too many waiting.  Loop thread."""
@@ -103,6 +119,13 @@ class VsockHost(Protocol):
     # -- the I/O loop, loop thread only -------------------------------------------
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback()`` on the loop thread whenever ``fd`` is readable."""
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` on the loop thread whenever ``fd`` is writable (a
+        non-blocking TCP connect completing)."""
+
+    def remove_writer(self, fd: int) -> None:
+        """Stop calling the writer of ``fd`` (its reader stays)."""
 
     def remove_fd(self, fd: int) -> None:
         """Forget ``fd`` (readers and writers); call before closing it."""

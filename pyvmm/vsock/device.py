@@ -643,11 +643,21 @@ class _DeviceHost:
         return self._muxer.connect_host(port, vtype, stream, preamble=preamble,
                                         on_connect=on_connect) is not None
 
+    def guest_connect_done(self, local_port: int, peer_port: int, stream: HostStream,
+                           ok: bool) -> None:
+        self._muxer.guest_connect_done(local_port, peer_port, stream, ok)
+
     def send_datagram(self, src_port: int, dst_port: int, data: bytes) -> bool:
         return self._muxer.send_datagram(src_port, dst_port, data)
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
         self._loop.add_reader(fd, callback)
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        self._loop.add_writer(fd, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self._loop.remove_writer(fd)
 
     def remove_fd(self, fd: int) -> None:
         self._loop.remove_fd(fd)

@@ -13,7 +13,12 @@ connection's business (compare Firecracker ``unix/muxer.rs``):
 * creating connections: a guest REQUEST asks each host service (the
   device's backends, :mod:`~pyvmm.vsock.backend`) in turn, in the order the
   device was given them, for a host stream; a host-initiated connection gets a local port
-  round-robin from [2**30, 2**31) as Firecracker does;
+  round-robin from [2**30, 2**31) as Firecracker does.  A service whose host end
+  connects asynchronously (TCP forwarding, :mod:`~pyvmm.vsock.tcp`) returns a stream
+  with ``connecting = True``: the connection's RESPONSE is held
+  (:attr:`VsockMuxer._connecting`) until the service calls
+  :meth:`VsockMuxer.guest_connect_done` -- then RESPONSE, or an RST exactly as for a
+  REQUEST nobody serves;
 * the bounds: at most :data:`MAX_CONNECTIONS` (1023, Firecracker's
   ``MAX_CONNECTIONS``) connections, a REQUEST beyond that gets an RST; at
   most :data:`MAX_CONTROL_PACKETS` RSTs for packets without a connection
@@ -129,6 +134,8 @@ METRIC_NAMES = (
     "host_connects", "guest_connects", "rst_sent", "rst_received", "control_dropped",
     "credit_violations", "credit_requests_sent", "seq_eor_rx", "guest_errors", "host_errors",
     "unix_accepted", "unix_handshake_errors", "events_sent", "transport_resets",
+    # TCP forwarding (pyvmm.vsock.tcp)
+    "tcp_accepted", "tcp_listener_paused", "tcp_connects", "tcp_connect_failed",
     "device_resets", "rx_starved", "interrupts", "dgram_tx", "dgram_rx", "dgram_dropped",
     "wrong_lane", "controlq_buffers",
     # VM-to-VM (pyvmm.vsock.group); tx_/rx_ packets and bytes above include these
@@ -201,6 +208,9 @@ class VsockMuxer:
         self._io: dict[tuple[int, int], list] = {}
         self._next_host_port = HOST_PORT_FIRST
         self._host_ports: collections.Counter[int] = collections.Counter()
+        #: guest-initiated connections whose host end is still connecting: their RESPONSE
+        #: waits for guest_connect_done (key -> the stream the service returned)
+        self._connecting: dict[tuple[int, int], HostStream] = {}
         #: host-initiated connections whose REQUEST is held (an ordered set), or None: no hold
         self._held: dict[tuple[int, int], None] | None = None
         #: the vsock group this device is a member of (set by the device), or None
@@ -450,7 +460,29 @@ class VsockMuxer:
         self.metrics["guest_connects"] += 1
         conn = Connection.peer_init(hdr, stream, lane=self._lane_of(hdr.src_port, hdr.dst_port),
                                     **self._conn_kw())
+        if getattr(stream, "connecting", False):
+            self._connecting[conn.key] = stream     # before _add: its RESPONSE waits
         self._add(conn)
+
+    def guest_connect_done(self, local_port: int, peer_port: int, stream: HostStream, ok: bool) -> None:
+        """The host end ``stream`` of the guest's connection (``local_port``, ``peer_port``),
+        returned still connecting, has connected (``ok``: the RESPONSE goes out) or failed
+        (the connection is forgotten and the guest gets an RST, as for a REQUEST nobody
+        serves).  Nothing if that connection is gone meanwhile (the guest gave up: its RST,
+        a reset) or is another one."""
+        key = (local_port, peer_port)
+        if self._connecting.get(key) is not stream:
+            return
+        del self._connecting[key]
+        conn = self.connections[key]
+        if ok:
+            self._sync(conn)
+            return
+        self.metrics["conns_refused"] += 1
+        conn.abort()
+        self._remove(conn)
+        self._reply_rst(VsockHeader(self.guest_cid, VMADDR_CID_HOST, peer_port, local_port, 0,
+                                    conn.vtype, OP_REQUEST, 0, 0, 0))
 
     def _conn_kw(self) -> dict:
         window = self.conn_buf_size
@@ -513,6 +545,7 @@ class VsockMuxer:
         if self.connections.get(key) is not conn:
             return
         del self.connections[key]
+        self._connecting.pop(key, None)
         self.advertised -= conn.buf_alloc
         _interest, writing, timer, reading, _reader = self._io.pop(key)
         if timer is not None:
@@ -581,6 +614,8 @@ class VsockMuxer:
                 timer.cancel()
             io[2] = self.loop.call_at(conn.expiry, self._on_timer, key)
         if conn.has_pending_rx():
+            if key in self._connecting:
+                return                          # its RESPONSE waits: see guest_connect_done
             if self._held is not None and conn.state is ConnState.LOCAL_INIT and conn.hs_step == 0:
                 self._held[key] = None          # its REQUEST waits: see hold_requests
                 return

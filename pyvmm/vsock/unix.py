@@ -78,6 +78,7 @@ import socket
 import stat
 import struct
 import threading
+from typing import Sequence
 
 from ..errors import ConfigError
 from .backend import VsockBackend, VsockHost
@@ -151,7 +152,10 @@ def parse_connect_line(line: bytes) -> int | None:
 
 
 class SocketStream:
-    """A connected AF_UNIX socket as a HostStream (non-blocking, zero-copy I/O)."""
+    """A connected stream socket as a HostStream (non-blocking, zero-copy I/O): AF_UNIX
+    here, TCP in :mod:`pyvmm.vsock.tcp` (on TCP a peer's close() and its shutdown(SHUT_WR)
+    are the same FIN: both read as a half-close, and a write after a close gets the
+    peer's RST, which ends the connection)."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -710,9 +714,19 @@ class VsockApi(VsockBackend):
         self.host.transport_reset()
 
 
-def default_backends(uds_path: str | None) -> tuple[VsockApi, list]:
+def default_backends(uds_path: str | None, forwards: Sequence = ()) -> tuple[VsockApi, list]:
     """The host ends a machine gives its vsock device, in the order they are
     asked for guest connects: the Python API (its listeners come first), then
-    Firecracker's Unix socket if ``uds_path``.  Returns (the API, the list)."""
+    TCP forwarding if ``forwards`` (:class:`~pyvmm.vsock.tcp.TcpForwardBackend`: the
+    ports the command line names), then Firecracker's Unix socket if ``uds_path``
+    (the catch-all ``<uds_path>_<port>`` convention).  The most specific claim on a
+    port wins: a listener a program opened at run time, then a port named in
+    ``--forward``, then whatever file happens to exist.  Returns (the API, the list)."""
     api = VsockApi()
-    return api, [api] + ([UnixBackend(uds_path)] if uds_path else [])
+    backends: list = [api]
+    if forwards:
+        from .tcp import TcpForwardBackend      # tcp imports this module
+        backends.append(TcpForwardBackend(forwards))
+    if uds_path:
+        backends.append(UnixBackend(uds_path))
+    return api, backends

@@ -61,6 +61,10 @@ done
 chmod 0666 /dev/kvm
 report "kvm $(stat -c %a /dev/kvm) $(cat /sys/module/kvm_amd/parameters/npt)"
 
+# The loopback interface, which Linux leaves down until told: TCP on 127.0.0.1 works as on
+# any host (pyvmm's --forward host ends, the tests' local servers). No other interface exists.
+ip link set lo up || fail "cannot bring the loopback interface up"
+
 # 3. The job, then the filesystems the command will see.
 [ -r /lab/job.sh ] || fail "initramfs has no /lab/job.sh (lab.py appends it per run)"
 . /lab/job.sh
