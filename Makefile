@@ -22,15 +22,18 @@ export PYVMM_CACHE ?= $(HOME)/.cache/pyvmm
 # fails if one comes from neither this list nor the base system (Essential or Priority:
 # required), or if a name here could be dropped: a tool installed by hand on a development
 # machine cannot hide a missing install step.
+# dropbear-bin and wget are copied into a guest image (make vsockify); openssh-client's ssh and
+# ssh-keygen are the host's end of the ssh-over-vsock test (tests/e2e/test_vsockify.py).
 # qemu-system-x86 brings qemu-system-common, whose qemu-storage-daemon serves the disk images
 # that are not raw (pyvmm/blk/daemon.py); qemu-utils has qemu-img, which tells their format.
 APT_PACKAGES := python3-venv build-essential linux-source-6.1 linux-source-6.12 bc bison flex \
-	libelf-dev libssl-dev busybox-static qemu-system-x86 qemu-utils socat kmod zstd shfmt
+	libelf-dev libssl-dev busybox-static qemu-system-x86 qemu-utils socat kmod zstd shfmt \
+	dropbear-bin wget openssh-client
 
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k serial -x"
 PYTEST_ARGS ?=
 
-.PHONY: all demo test unit bench bench-quick fuzz soak deps print-apt-packages venv kernel kernel-6.12 guest freestanding initramfs rootfs vsock-test clean distclean
+.PHONY: all demo test unit bench bench-quick fuzz soak deps print-apt-packages venv kernel kernel-6.12 guest freestanding initramfs rootfs vsock-test vsockify clean distclean
 
 all: kernel guest venv
 
@@ -77,11 +80,17 @@ guest: initramfs freestanding rootfs
 vsock-test: deps
 	guest/vsock_test/build.sh
 
+# libvsockify.so (an LD_PRELOAD library: unmodified TCP programs over vsock) and a cpio to append
+# to the initramfs with dropbear, dbclient, dropbearkey and wget from Debian and every library
+# they load (guest/vsockify/README.md). Not needed by `demo`.
+vsockify: initramfs
+	guest/vsockify/build.sh
+
 # V=1 shows the guest console live instead of saving it to a file
 demo: venv kernel guest
 	$(PY) scripts/demo $(if $(V),--verbose)
 
-test: venv kernel kernel-6.12 guest vsock-test
+test: venv kernel kernel-6.12 guest vsock-test vsockify
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Benchmarks (never pass/fail): a table on stdout, JSON in bench/results/ (bench/README.md)

@@ -73,3 +73,16 @@ def vsock_test_cpio(required: bool = True) -> Path | None:
     tools/testing/vsock programs, guest/vsock_test/README.md), to be concatenated after the
     default initramfs: the kernel unpacks one archive after the other."""
     return _image("vsock-test", "vsock-test.cpio", "make vsock-test", required)
+
+
+def vsockify_cpio(required: bool = True) -> Path | None:
+    """A newc cpio holding libvsockify.so (unmodified TCP programs over vsock), the ``vsockify``
+    wrapper and dynamically linked Debian programs (dropbear, dbclient, dropbearkey, wget) with
+    their libraries, to be concatenated after the default initramfs (guest/vsockify/README.md)."""
+    return _image("vsockify", "vsockify.cpio", "make vsockify", required)
+
+
+def vsockify_host_key(required: bool = True) -> Path | None:
+    """The public half of the dropbear host key in :func:`vsockify_cpio`, one OpenSSH
+    ``ssh-ed25519 AAAA...`` line: what a client's known_hosts should hold for that guest."""
+    return _image("vsockify", "host_key.pub", "make vsockify", required)
