@@ -15,7 +15,9 @@
  *   connect(fd, 127.x.x.x:P)   P configured: the fd becomes an AF_VSOCK SOCK_STREAM socket
  *                              (same fd number, O_NONBLOCK and FD_CLOEXEC kept) connected to
  *                              VSOCKIFY_CID:P. A non-blocking connect gives EINPROGRESS and
- *                              SO_ERROR as usual (SOL_SOCKET options are vsock's own).
+ *                              SO_ERROR as usual (SOL_SOCKET options are vsock's own); a
+ *                              repeated connect() of that fd is a vsock connect again
+ *                              (EALREADY, EISCONN as the kernel says).
  *   bind(fd, ANY-ADDRESS:P)    P configured (and not 0): the fd becomes an AF_VSOCK socket bound
  *                              to VMADDR_CID_ANY:P; listen() and accept() then work on vsock.
  *                              The IPv4 address is not looked at (a guest has no network).
@@ -350,15 +352,19 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 		return -1;
 	}
 	if (inet_address(addr, len, &sin) < 0 || (ntohl(sin.sin_addr.s_addr) >> 24) != 127 ||
-	    !port_configured(ntohs(sin.sin_port)) || !is_inet_stream(fd))
+	    !port_configured(ntohs(sin.sin_port)))
 		return real_connect(fd, addr, len);
-	if (cfg.debug)
-		say("%sconnect fd %d 127.x:%u -> vsock %u:%u", cfg.dry_run ? "(dry run) " : "", fd,
-		    ntohs(sin.sin_port), cfg.cid, ntohs(sin.sin_port));
-	if (cfg.dry_run)
-		return real_connect(fd, addr, len);
-	if (replace(fd) < 0)
-		return -1;
+	if (!is_vsockified(fd)) {	/* (a repeated connect of a non-blocking socket: it is) */
+		if (!is_inet_stream(fd))
+			return real_connect(fd, addr, len);
+		if (cfg.debug)
+			say("%sconnect fd %d 127.x:%u -> vsock %u:%u", cfg.dry_run ? "(dry run) " : "",
+			    fd, ntohs(sin.sin_port), cfg.cid, ntohs(sin.sin_port));
+		if (cfg.dry_run)
+			return real_connect(fd, addr, len);
+		if (replace(fd) < 0)
+			return -1;
+	}
 	memset(&vm, 0, sizeof(vm));
 	vm.svm_family = AF_VSOCK;
 	vm.svm_cid = cfg.cid;
