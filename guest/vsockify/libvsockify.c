@@ -1,7 +1,7 @@
 /*
  * libvsockify.so -- run unmodified TCP programs over AF_VSOCK: an LD_PRELOAD library for guests.
  *
- *     VSOCKIFY_PORTS=22 LD_PRELOAD=/opt/vsockify/lib/libvsockify.so dropbear -F -E -s -p 22
+ *     VSOCKIFY_PORTS=22 LD_PRELOAD=/opt/vsockify/lib/libvsockify.so /opt/vsockify/bin/dropbear -F -p 22
  *     VSOCKIFY_PORTS=8080 LD_PRELOAD=/opt/vsockify/lib/libvsockify.so wget http://127.0.0.1:8080/f
  *     vsockify 22 dropbear ...            (the same, through the /usr/bin/vsockify wrapper script)
  *
@@ -21,8 +21,12 @@
  *   bind(fd, ANY-ADDRESS:P)    P configured (and not 0): the fd becomes an AF_VSOCK socket bound
  *                              to VMADDR_CID_ANY:P; listen() and accept() then work on vsock.
  *                              The IPv4 address is not looked at (a guest has no network).
- * On a socket mapped this way ("vsockified"; accepted connections of a vsockified listener are
- * too), addresses are shown as the program expects them:
+ * Every AF_VSOCK socket the program did not make itself is taken for a mapped one ("vsockified"):
+ * the ones mapped here, the connections accepted on them, and those inherited across execve --
+ * dropbear re-executes itself for each connection with the accepted socket, so the mapping must
+ * not live in the parent's memory only. The program's own AF_VSOCK sockets (socket(AF_VSOCK),
+ * accept on one, their dup/dup2/dup3 copies) are remembered in a table and left alone. On a
+ * vsockified socket, addresses are shown as the program expects them:
  *   accept, accept4, getsockname, getpeername   return AF_INET 127.0.0.1 and the vsock port,
  *                              cut to the caller's *addrlen (which is set to the full size, as
  *                              the kernel does). A vsock port above 65535 (the kernel's
@@ -51,18 +55,16 @@
  * A bad VSOCKIFY_PORTS or VSOCKIFY_CID prints one line on stderr and maps nothing.
  *
  * Errors: a mapping that fails returns -1 from connect/bind with socket(2)'s or dup3(2)'s errno
- * (EAFNOSUPPORT: the guest kernel has no vsock). A socket is only tracked below fd
- * VSOCKIFY_MAX_FDS (the table's size): vsockifying a higher fd fails with EMFILE; a connection
- * accepted on a higher fd works but later getpeername/getsockname on it show AF_VSOCK.
- * Inputs are checked as the kernel checks them (a NULL addrlen with an address: EFAULT; a
+ * (EAFNOSUPPORT: the guest kernel has no vsock). The table of the program's own AF_VSOCK
+ * sockets covers fds below VSOCKIFY_MAX_FDS: one of them at a higher fd is taken for a mapped
+ * one (its addresses shown as AF_INET). Inputs are checked as the kernel checks them (a NULL addrlen with an address: EFAULT; a
  * negative *addrlen: EINVAL; an address too short for its family: passed to libc, which fails it).
  *
- * Limits (guest/vsockify/README.md): IPv4 only (the guest kernel has no IPv6); the table is per
- * process and is not inherited across execve (a vsockified fd handed to an exec'ed program, e.g.
- * `dropbear -i` under inetd, shows AF_VSOCK addresses there); duplicates made with
- * fcntl(F_DUPFD) are not tracked (dup, dup2, dup3 are); sendto() with an address (TCP Fast Open)
- * is not mapped; SO_DOMAIN reads AF_VSOCK. Thread safety: the configuration is read under
- * pthread_once, the table is an array of bytes read and written atomically.
+ * Limits (guest/vsockify/README.md): IPv4 only (the guest kernel has no IPv6); a program's own
+ * AF_VSOCK socket inherited across execve, or copied with fcntl(F_DUPFD), is taken for a mapped
+ * one; sendto() with an address (TCP Fast Open) is not mapped; SO_DOMAIN reads AF_VSOCK. Thread
+ * safety: the configuration is read under pthread_once, the table is an array of bytes read and
+ * written atomically.
  */
 #define _GNU_SOURCE		/* RTLD_NEXT, accept4, dup3 */
 #include <dlfcn.h>
@@ -79,7 +81,7 @@
 #include <unistd.h>
 #include <linux/vm_sockets.h>
 
-#define VSOCKIFY_MAX_FDS 1024		/* fds 0..1023 can be vsockified (the table's size) */
+#define VSOCKIFY_MAX_FDS 1024		/* the table of the program's own AF_VSOCK sockets */
 #define VSOCKIFY_MAX_RANGES 64		/* entries in VSOCKIFY_PORTS */
 #define EPHEMERAL_BASE 49152		/* where vsock ports > 65535 are shown ... */
 #define EPHEMERAL_SPAN 16384		/* ... folded into 49152..65535 */
@@ -96,6 +98,7 @@ static struct {
 } cfg;
 
 /* the functions we wrap, as libc has them */
+static int (*real_socket)(int, int, int);
 static int (*real_connect)(int, const struct sockaddr *, socklen_t);
 static int (*real_bind)(int, const struct sockaddr *, socklen_t);
 static int (*real_accept)(int, struct sockaddr *, socklen_t *);
@@ -109,9 +112,9 @@ static int (*real_dup)(int);
 static int (*real_dup2)(int, int);
 static int (*real_dup3)(int, int, int);
 
-/* 1 at [fd]: we made fd an AF_VSOCK socket (or accepted it on one). Checked against the
- * socket's real family before use, so a mark left by a close we did not see is harmless. */
-static unsigned char vsockified[VSOCKIFY_MAX_FDS];
+/* 1 at [fd]: the program itself made fd an AF_VSOCK socket (socket(AF_VSOCK), accept on such a
+ * one, a dup of one): not ours to translate. Cleared when the fd is closed or reused. */
+static unsigned char native[VSOCKIFY_MAX_FDS];
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static void say(const char *fmt, ...)
@@ -169,7 +172,7 @@ static void init(void)
 	const char *ports = getenv("VSOCKIFY_PORTS"), *cid = getenv("VSOCKIFY_CID");
 	const char *debug = getenv("VSOCKIFY_DEBUG"), *dry = getenv("VSOCKIFY_DRY_RUN");
 
-	RESOLVE(connect); RESOLVE(bind); RESOLVE(accept); RESOLVE(accept4);
+	RESOLVE(socket); RESOLVE(connect); RESOLVE(bind); RESOLVE(accept); RESOLVE(accept4);
 	RESOLVE(getsockname); RESOLVE(getpeername); RESOLVE(setsockopt); RESOLVE(getsockopt);
 	RESOLVE(close); RESOLVE(dup); RESOLVE(dup2); RESOLVE(dup3);
 
@@ -233,17 +236,17 @@ static int is_inet_stream(int fd)
 static void mark(int fd, unsigned char on)
 {
 	if (fd >= 0 && fd < VSOCKIFY_MAX_FDS)
-		__atomic_store_n(&vsockified[fd], on, __ATOMIC_RELEASE);
+		__atomic_store_n(&native[fd], on, __ATOMIC_RELEASE);
 }
 
 static int marked(int fd)
 {
-	return fd >= 0 && fd < VSOCKIFY_MAX_FDS && __atomic_load_n(&vsockified[fd], __ATOMIC_ACQUIRE);
+	return fd >= 0 && fd < VSOCKIFY_MAX_FDS && __atomic_load_n(&native[fd], __ATOMIC_ACQUIRE);
 }
 
-static int is_vsockified(int fd)
+static int is_vsockified(int fd)	/* an AF_VSOCK socket the program did not make itself */
 {
-	return marked(fd) && sock_int(fd, SO_DOMAIN) == AF_VSOCK;
+	return !marked(fd) && sock_int(fd, SO_DOMAIN) == AF_VSOCK;
 }
 
 /* copy the SOL_SOCKET options worth keeping from the AF_INET socket to its replacement */
@@ -267,13 +270,10 @@ static int replace(int fd)
 {
 	int flags, fdflags, s, saved;
 
-	if (fd >= VSOCKIFY_MAX_FDS) {
-		errno = EMFILE;
-		return -1;
-	}
 	if ((flags = fcntl(fd, F_GETFL)) < 0 || (fdflags = fcntl(fd, F_GETFD)) < 0)
 		return -1;
-	s = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC | ((flags & O_NONBLOCK) ? SOCK_NONBLOCK : 0), 0);
+	s = real_socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC | ((flags & O_NONBLOCK) ? SOCK_NONBLOCK : 0),
+			0);
 	if (s < 0)
 		return -1;
 	copy_options(fd, s);
@@ -284,7 +284,7 @@ static int replace(int fd)
 		return -1;
 	}
 	real_close(s);
-	mark(fd, 1);
+	mark(fd, 0);
 	return 0;
 }
 
@@ -342,6 +342,20 @@ static int inet_address(const struct sockaddr *addr, socklen_t len, struct socka
 }
 
 /* --- the wrapped functions ------------------------------------------------------------------- */
+EXPORT int socket(int domain, int type, int protocol)
+{
+	int fd;
+
+	if (!ready()) {
+		errno = ENOSYS;
+		return -1;
+	}
+	fd = real_socket(domain, type, protocol);
+	if (fd >= 0)
+		mark(fd, domain == AF_VSOCK);	/* the program's own vsock socket, or none */
+	return fd;
+}
+
 EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
 	struct sockaddr_in sin;
@@ -408,8 +422,12 @@ static int accept_common(int fd, struct sockaddr *addr, socklen_t *addrlen, int 
 		errno = ENOSYS;
 		return -1;
 	}
-	if (!is_vsockified(fd))
-		return four ? real_accept4(fd, addr, addrlen, flags) : real_accept(fd, addr, addrlen);
+	if (!is_vsockified(fd)) {	/* the accepted socket is the program's own if the listener is */
+		c = four ? real_accept4(fd, addr, addrlen, flags) : real_accept(fd, addr, addrlen);
+		if (c >= 0)
+			mark(c, marked(fd));
+		return c;
+	}
 	if (check_result_addr(addr, addrlen, 0) < 0)
 		return -1;
 	memset(&vm, 0, sizeof(vm));
@@ -417,10 +435,9 @@ static int accept_common(int fd, struct sockaddr *addr, socklen_t *addrlen, int 
 		 : real_accept(fd, (struct sockaddr *)&vm, &vlen);
 	if (c < 0)
 		return -1;
-	mark(c, 1);
+	mark(c, 0);
 	if (cfg.debug)
-		say("accept fd %d on vsockified fd %d from vsock %u:%u%s", c, fd, vm.svm_cid,
-		    vm.svm_port, c < VSOCKIFY_MAX_FDS ? "" : " (above VSOCKIFY_MAX_FDS: not tracked)");
+		say("accept fd %d on vsockified fd %d from vsock %u:%u", c, fd, vm.svm_cid, vm.svm_port);
 	if (addr)
 		show_inet(&vm, addr, addrlen);
 	return c;

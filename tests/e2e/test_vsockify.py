@@ -44,6 +44,7 @@ TRANSCRIPT = ROOT / ".pytest-vsockify-transcript.txt"
 GUEST_CID = 3
 GUEST_MEM = 128 << 20          # the archive (12 MB) is unpacked into the guest's RAM
 SSH_PORT = 22
+HOST_KEY = "/etc/dropbear/dropbear_ed25519_host_key"
 HTTP_PORT = 8080
 BLOB = 4 << 20
 #: a bound for each ssh/wget run (the lab is slow: a key exchange under TCG, nested)
@@ -55,7 +56,8 @@ def guest(tmp_path_factory):
     """The guest, with dropbear listening on vsock port 22 through the library."""
     tmp = tmp_path_factory.mktemp("vsockify")
     initrd = tmp / "initramfs+vsockify.cpio"
-    initrd.write_bytes(images.default_initramfs().read_bytes() + images.vsockify_cpio().read_bytes())
+    initrd.write_bytes(images.default_initramfs().read_bytes()
+                       + images.vsockify_cpio().read_bytes())
     uds = str(tmp / "v.sock")
     g = ShellGuest(images.default_kernel(), initrd=initrd, cpus=1, mem=GUEST_MEM, timeout=1200,
                    vsock=VsockConfig(GUEST_CID, uds))
@@ -63,7 +65,8 @@ def guest(tmp_path_factory):
         g.wait_ready()
         g.uds = uds
         g.dropbear = g.start_server(f"VSOCKIFY_DEBUG=1 vsockify {SSH_PORT} dropbear -F -E -s "
-                                    f"-P /run/dropbear.pid -p {SSH_PORT}", "Not backgrounding")
+                                    f"-r {HOST_KEY} -P /run/dropbear.pid -p {SSH_PORT}",
+                                    "Not backgrounding")
         yield g
         if not g.ended:
             g.run("kill $(cat /run/dropbear.pid)")
@@ -76,8 +79,8 @@ def _ended(g: ShellGuest) -> str:
 
 def test_the_mapping_is_what_dropbear_got(guest):
     """The library turned dropbear's bind to port 22 into a vsock bind (its debug line)."""
-    assert re.search(rf"bind fd \d+ port {SSH_PORT} -> vsock any:{SSH_PORT}", guest.dropbear.output), \
-        guest.dropbear.output
+    assert re.search(rf"bind fd \d+ port {SSH_PORT} -> vsock any:{SSH_PORT}",
+                     guest.dropbear.output), guest.dropbear.output
 
 
 def test_ssh_banner_over_vsock(guest):
@@ -108,7 +111,8 @@ def test_ssh_session_over_vsock(guest, tmp_path):
             "-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=vsock-guest",
             "-o", f"ProxyCommand={proxy}", "root@guest", "uname -r; echo ok"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=CLIENT_TIMEOUT)
-    TRANSCRIPT.write_text(f"$ {shlex.join(argv)}\n{done.stdout}{done.stderr}(exit {done.returncode})\n")
+    TRANSCRIPT.write_text(f"$ {shlex.join(argv)}\n{done.stdout}{done.stderr}"
+                          f"(exit {done.returncode})\n")
     assert not guest.ended, _ended(guest)
     assert done.returncode == 0, f"{done.stderr}\n--- dropbear ---\n{guest.dropbear.output}"
     assert done.stdout.split() == [kernel.output.strip(), "ok"], done.stdout
@@ -144,12 +148,14 @@ def test_wget_in_the_guest_downloads_from_the_host(guest):
 def test_dbclient_in_the_guest_over_vsock_loopback(guest):
     """Both ends in the guest: dbclient's connect to 127.0.0.1:22 becomes vsock CID 1 port 22
     (VMADDR_CID_LOCAL), which dropbear's vsock listener accepts."""
-    setup = guest.run("rm -f /tmp/dbkey && /opt/vsockify/bin/dropbearkey -t ed25519 -f /tmp/dbkey >/dev/null "
-                      "&& mkdir -p /root/.ssh && /opt/vsockify/bin/dropbearkey -y -f /tmp/dbkey "
+    keygen = "/opt/vsockify/bin/dropbearkey"
+    setup = guest.run(f"rm -f /tmp/dbkey && {keygen} -t ed25519 -f /tmp/dbkey >/dev/null "
+                      f"&& mkdir -p /root/.ssh && {keygen} -y -f /tmp/dbkey "
                       "| grep ^ssh-ed25519 >> /root/.ssh/authorized_keys")
     assert setup.status == 0, setup.explain()
-    got = guest.run(f"VSOCKIFY_CID=1 VSOCKIFY_DEBUG=1 vsockify {SSH_PORT} dbclient -y -i /tmp/dbkey "
-                    f"root@127.0.0.1 'echo over-loopback'", timeout=CLIENT_TIMEOUT)
+    got = guest.run(f"VSOCKIFY_CID=1 VSOCKIFY_DEBUG=1 vsockify {SSH_PORT} dbclient -y "
+                    "-i /tmp/dbkey root@127.0.0.1 'echo over-loopback'", timeout=CLIENT_TIMEOUT)
     assert got.status == 0, f"{got.explain()}\n--- dropbear ---\n{guest.dropbear.output}"
-    assert re.search(rf"connect fd \d+ 127\.x:{SSH_PORT} -> vsock 1:{SSH_PORT}", got.output), got.output
+    assert re.search(rf"connect fd \d+ 127\.x:{SSH_PORT} -> vsock 1:{SSH_PORT}",
+                     got.output), got.output
     assert "over-loopback" in got.output.splitlines(), got.output

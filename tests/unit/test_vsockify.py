@@ -1,4 +1,4 @@
-"""guest/vsockify: libvsockify.so and its guest image, checked on a host whose AF_VSOCK is off limits.
+"""guest/vsockify: libvsockify.so and its guest image, checked where AF_VSOCK is off limits.
 
 What can be checked without AF_VSOCK (the guest-side mapping itself is tests/e2e/test_vsockify.py):
 
@@ -46,7 +46,7 @@ from test_vsock_test_build import read_newc
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "guest" / "vsockify" / "libvsockify.c"
 BUILD = ROOT / "guest" / "vsockify" / "build.sh"
-WRAPPED = {"connect", "bind", "accept", "accept4", "getsockname", "getpeername", "setsockopt",
+WRAPPED = {"socket", "connect", "bind", "accept", "accept4", "getsockname", "getpeername", "setsockopt",
            "getsockopt", "close", "dup", "dup2", "dup3"}
 PROGRAMS = ("dropbear", "dbclient", "dropbearkey", "wget")
 LOADER = "lib64/ld-linux-x86-64.so.2"
@@ -174,7 +174,8 @@ def test_dry_run_decides_but_maps_nothing(lib):
     port = _free_port()
     done = _run_python(lib, {"VSOCKIFY_PORTS": f"1,{port}", "VSOCKIFY_DRY_RUN": "1"}, str(port))
     _tcp_ok(done)
-    assert re.search(rf"\(dry run\) bind fd \d+ port {port} -> vsock any:{port}$", done.stderr, re.M)
+    assert re.search(rf"\(dry run\) bind fd \d+ port {port} -> vsock any:{port}$", done.stderr,
+                     re.M), done.stderr
     assert re.search(rf"\(dry run\) connect fd \d+ 127\.x:{port} -> vsock 2:{port}$", done.stderr,
                      re.M), done.stderr
     assert len(re.findall(r"\(dry run\)", done.stderr)) == 2, done.stderr     # not the UDP one
@@ -247,7 +248,8 @@ def _dynamic(body: bytes) -> tuple[str | None, list[str]]:
             loads.append((p_vaddr, p_offset, p_filesz))
     if dynamic is None:
         return interp, []
-    entries = [struct.unpack_from("<qQ", body, dynamic[0] + 16 * i) for i in range(dynamic[1] // 16)]
+    entries = [struct.unpack_from("<qQ", body, dynamic[0] + 16 * i)
+               for i in range(dynamic[1] // 16)]
     strtab = next(v for tag, v in entries if tag == 5)                 # DT_STRTAB (a vaddr)
     strtab_off = next(off + strtab - va for va, off, size in loads if va <= strtab < va + size)
     names = [body[strtab_off + v:body.index(b"\0", strtab_off + v)].decode()
@@ -263,7 +265,8 @@ def test_the_archive_holds_the_programs_and_everything_they_load(archive):
     assert archive["etc/dropbear/dropbear_ed25519_host_key"][0] & 0o777 == 0o600
     assert archive["etc/passwd"][1].startswith(b"root:x:0:0:root:/root:/bin/sh\n")
     libs = {name.rsplit("/", 1)[1] for name in archive if name.startswith("lib/x86_64-linux-gnu/")}
-    elves = [n for n, (mode, body) in archive.items() if stat.S_ISREG(mode) and body[:4] == b"\x7fELF"]
+    elves = [n for n, (mode, body) in archive.items()
+             if stat.S_ISREG(mode) and body[:4] == b"\x7fELF"]
     assert len(elves) > len(PROGRAMS) + 1
     for name in elves:
         interp, needed = _dynamic(archive[name][1])
@@ -332,7 +335,8 @@ def test_the_image_wget_downloads_through_the_wrapper(tree):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     try:
-        for ports, extra in (("1", {"VSOCKIFY_DEBUG": "1"}), (str(port), {"VSOCKIFY_DRY_RUN": "1"})):
+        for ports, extra in (("1", {"VSOCKIFY_DEBUG": "1"}),
+                             (str(port), {"VSOCKIFY_DRY_RUN": "1"})):
             done = subprocess.run([WRAPPER, ports, "wget", "-q", "-O", "-",
                                    f"http://127.0.0.1:{port}/blob"],
                                   env={"PATH": "/usr/bin:/bin", **extra}, capture_output=True,
@@ -361,7 +365,8 @@ def test_the_image_dropbear_serves_an_ssh_session(tree, tmp_path):
     known = tmp_path / "known_hosts"
     port = _free_port()
     known.write_text(f"[127.0.0.1]:{port} {images.vsockify_host_key().read_text()}")
-    server = subprocess.Popen([WRAPPER, "1", "dropbear", "-F", "-E", "-s", "-P",
+    server = subprocess.Popen([WRAPPER, "1", "dropbear", "-F", "-E", "-s", "-r",
+                               "/etc/dropbear/dropbear_ed25519_host_key", "-P",
                                "/run/dropbear.pid", "-p", f"127.0.0.1:{port}"],
                               env={"PATH": "/usr/bin:/bin"}, stderr=subprocess.PIPE, text=True,
                               preexec_fn=no_vsock(tree))
@@ -372,7 +377,8 @@ def test_the_image_dropbear_serves_an_ssh_session(tree, tmp_path):
             if "Not backgrounding" in line:
                 break
         done = subprocess.run(["ssh", "-i", str(key), "-p", str(port), "-o", "BatchMode=yes",
-                               "-o", f"UserKnownHostsFile={known}", "-o", "StrictHostKeyChecking=yes",
+                               "-o", f"UserKnownHostsFile={known}",
+                               "-o", "StrictHostKeyChecking=yes",
                                "root@127.0.0.1", "echo $USER; pwd; echo ok"],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr + "".join(lines)
