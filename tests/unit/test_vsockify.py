@@ -74,11 +74,24 @@ def _vsock_filter() -> bytes:
     return b"".join(struct.pack("<HBBI", *insn) for insn in prog)
 
 
+CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x00020000, 0x4000, 0x40000
+
+
 def no_vsock(chroot: Path | None = None):
-    """A preexec_fn: (chroot into ``chroot``,) install the filter, and check it is there."""
+    """A preexec_fn: install the filter and check it is there; with ``chroot``, first enter a
+    mount namespace of its own, mount /proc in ``chroot`` (as the guest's /init does: busybox
+    then runs its applets in preference to programs of the same name, as in a guest) and
+    chroot there."""
     def setup() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         if chroot is not None:
+            if libc.unshare(CLONE_NEWNS) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+            # private first: a mount in a namespace sharing / would appear on the host too
+            if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+                raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+            if libc.mount(b"proc", bytes(chroot / "proc"), b"proc", 0, None) != 0:
+                raise OSError(ctypes.get_errno(), "mount proc")
             os.chroot(chroot)
             os.chdir("/")
         code = _vsock_filter()
