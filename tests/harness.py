@@ -74,16 +74,24 @@ class _Console:
         return data.decode("utf-8", "replace").replace("\r\n", "\n")
 
     def wait_for(self, pattern: str, timeout: float, done: threading.Event) -> re.Match:
-        """Block until a console line matches ``pattern`` (or fail after ``timeout``)."""
+        """Block until a console line matches ``pattern`` (or fail after ``timeout``).
+
+        Only whole lines are searched (up to the last newline; everything once the guest has
+        ended): a line still arriving could match a shorter text than it will hold, e.g.
+        ``pid (\\d+)`` on "pid 7" of "pid 70" (seen: a test then killed the wrong process)."""
         rx = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                m = rx.search(bytes(self._buf).decode("utf-8", "replace").replace("\r\n", "\n"))
+                ended = done.is_set()
+                data = bytes(self._buf)
+                if not ended:
+                    data = data[:data.rfind(b"\n") + 1]
+                m = rx.search(data.decode("utf-8", "replace").replace("\r\n", "\n"))
                 if m:
                     return m
                 left = deadline - time.monotonic()
-                if left <= 0 or done.is_set():
+                if left <= 0 or ended:
                     raise AssertionError(f"no console line matching {pattern!r} within "
                                          f"{timeout:g} s (guest {'ended' if done.is_set() else 'running'})"
                                          f"\n--- console tail ---\n"
