@@ -3,7 +3,7 @@
 # from two kernel generations into the artefact cache, as static x86-64 programs.
 #
 # Owns: turning Debian's /usr/src/linux-source-{6.1,6.12}.tar.xz (+ guest/vsock_test/patches/
-# <version>/*.patch, none today) into
+# <version>/*.patch, each saying why) into
 #
 #     $PYVMM_CACHE/vsock-test/<key>/vsock_test-6.1, vsock_diag_test-6.1,
 #                                  vsock_test-6.12, vsock_diag_test-6.12, vsock_perf-6.12
