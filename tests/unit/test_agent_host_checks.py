@@ -92,10 +92,10 @@ def test_a_silent_or_vanishing_agent_does_not_hang_the_host():
     with pytest.raises(AgentTimeout):
         Agent(FakeAgent(b"").host_end, io_timeout=0.3)
     assert time.monotonic() - t0 < TIMEOUT
-    fake = FakeAgent(b"")
-    fake.sock.close()
+    host_end, agent_end = socket.socketpair()          # no FakeAgent: closing its socket under
+    agent_end.close()                                   # its thread's blocked recv() sends no EOF
     with pytest.raises(AgentError, match="closed the connection before its HELLO"):
-        Agent(fake.host_end, io_timeout=TIMEOUT)
+        Agent(host_end, io_timeout=TIMEOUT)
     a = Agent(FakeAgent(HELLO).host_end, io_timeout=0.3)       # answers HELLO, then nothing
     with pytest.raises(AgentTimeout):
         a.get("/x")
