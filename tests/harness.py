@@ -10,12 +10,12 @@ hanging the suite.  :func:`run_guest` boots and waits for the end;
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import socket
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,10 +23,20 @@ import pytest
 
 from pyvmm import images
 from pyvmm.machine import ExitStatus, Machine, MachineConfig, RunResult, VsockConfig
+from pyvmm.testing import Console
 
 #: e2e test ids this session hands to the lab, and the lab run's summary line
 LAB_NODEIDS = pytest.StashKey[list]()
 LAB_SUMMARY = pytest.StashKey[str]()
+#: measured figures of e2e tests, for the run's summary (the lab proxy prints them)
+FIGURES = Path(__file__).resolve().parents[1] / ".pytest-figures.json"
+
+
+def record_figure(name: str, value: str) -> None:
+    """Keep a measured figure for the run's summary (the lab proxy prints them)."""
+    data = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+    data[name] = value
+    FIGURES.write_text(json.dumps(data, indent=1))
 
 
 @dataclass
@@ -52,53 +62,6 @@ class GuestRun:
                 f"--- console (last 40 lines) ---\n{tail}")
 
 
-class _Console:
-    """The guest's serial output, kept whole and watchable for lines."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._cond = threading.Condition()
-
-    def write(self, data: bytes) -> int:
-        with self._cond:
-            self._buf += data
-            self._cond.notify_all()
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def text(self) -> str:
-        with self._cond:
-            data = bytes(self._buf)
-        return data.decode("utf-8", "replace").replace("\r\n", "\n")
-
-    def wait_for(self, pattern: str, timeout: float, done: threading.Event) -> re.Match:
-        """Block until a console line matches ``pattern`` (or fail after ``timeout``).
-
-        Only whole lines are searched (up to the last newline; everything once the guest has
-        ended): a line still arriving could match a shorter text than it will hold, e.g.
-        ``pid (\\d+)`` on "pid 7" of "pid 70" (seen: a test then killed the wrong process)."""
-        rx = re.compile(pattern, re.M)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                ended = done.is_set()
-                data = bytes(self._buf)
-                if not ended:
-                    data = data[:data.rfind(b"\n") + 1]
-                m = rx.search(data.decode("utf-8", "replace").replace("\r\n", "\n"))
-                if m:
-                    return m
-                left = deadline - time.monotonic()
-                if left <= 0 or ended:
-                    raise AssertionError(f"no console line matching {pattern!r} within "
-                                         f"{timeout:g} s (guest {'ended' if done.is_set() else 'running'})"
-                                         f"\n--- console tail ---\n"
-                                         + "\n".join(self.text().splitlines()[-30:]))
-                self._cond.wait(min(left, 1.0))
-
-
 def _named_rips(states: list[str], kernel: str) -> tuple[str, ...]:
     """``Machine.vcpu_states()`` lines, each RIP named from the kernel's symbols when it
     is an ELF with them (tests/lab/kvm_trace.py's symbolizer: ``nm``)."""
@@ -117,7 +80,7 @@ class LiveGuest:
                  default_cmdline: bool = True, stdin=None, disks=()) -> None:
         """``stdin``: a file the guest's serial port reads, or "pipe": one that
         :meth:`type` writes to.  ``disks``: DiskConfigs, the guest's vda, vdb, ..."""
-        self.console = _Console()
+        self.console = Console()
         self._typed = None
         if stdin == "pipe":
             r, w = os.pipe()
@@ -254,6 +217,30 @@ class ShellGuest(LiveGuest):
         cmd = self.start(command)
         cmd.wait(timeout)
         return cmd
+
+    def start_with_pid(self, command: str) -> tuple["GuestCommand", int]:
+        """Start a long-running guest command in the background; returns it and its pid."""
+        cmd = self.start(f'{command} & echo "pid $!"; wait $!')
+        return cmd, int(cmd.wait_for(r"pid (\d+)", 60).group(1))
+
+    def wait_ended(self, cmd: "GuestCommand", pid: int) -> int:
+        """Wait for a killed guest command to end; if it does not, say what state its
+        process is in."""
+        try:
+            return cmd.wait(60)
+        except AssertionError as e:
+            state = self.run(f"grep -E '^(State|SigPnd|ShdPnd|SigBlk|SigCgt)' /proc/{pid}/status; "
+                             f"echo wchan $(cat /proc/{pid}/wchan); cat /proc/{pid}/stack; "
+                             f"ls -l /proc/{pid}/fd; ps")
+            raise AssertionError(f"{e}\n--- process {pid} ---\n{state.output}") from None
+
+    def wait_tcp_listening(self, port: int) -> None:
+        """Wait (bounded) until a guest TCP socket listens on 127.0.0.1 ``port``:
+        /proc/net/tcp has it in state 0A (LISTEN).  busybox httpd prints nothing when ready."""
+        entry = f" 0100007F:{port:04X} 00000000:0000 0A "
+        wait = self.run(f"until grep -q '{entry}' /proc/net/tcp; do usleep 20000; done", timeout=60)
+        if wait.status != 0:
+            raise AssertionError(wait.explain())
 
     def __exit__(self, *exc) -> None:
         if self._waiter is not None and self._waiter.is_alive():

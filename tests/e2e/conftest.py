@@ -3,13 +3,13 @@
 The guest is the default kernel and initramfs with 2 vCPUs and a vsock device (CID 3, the
 Firecracker-style Unix socket in a temporary directory, and the TCP forwards of
 tests/e2e/test_forward.py, ``linux.forward_ports``: :data:`FORWARD_TO_GUEST`,
-:data:`FORWARD_TO_HOST`, :data:`FORWARD_REFUSED`; their ports are no other test's), booted
-with ``pyvmm.agent=1``: /init starts the guest agent on vsock port 10000 before its ready line
-(tests/e2e/test_agent.py).  Its console runs a command loop
+:data:`FORWARD_TO_HOST`, :data:`FORWARD_REFUSED`; their ports are no other test's).  Its
+console runs a command loop
 (:class:`harness.ShellGuest`): a test types the commands it needs (a guest-side server on a
 port of its own, a client) and reads back only their own output and exit status.  No test
 relies on another having run before it, or reads what another left; a test that needs a
-fresh boot (the bzImage, the CLI with its stdin) makes its own.
+fresh boot (the bzImage, the CLI with its stdin) makes its own.  The guest agent's tests use
+the pytest plugin's ``vm`` fixture instead (pyvmm.pytest_plugin: a guest of its own).
 
 Every test using the guest checks that it is running before and after: a guest that ended
 (a crash) fails the tests saying how it ended (pyvmm's reason), rather than with a timeout.
@@ -62,8 +62,7 @@ def linux_session(tmp_path_factory):
                 VsockToTcp(FORWARD_REFUSED, "127.0.0.1", refused.getsockname()[1])]
     guest = ShellGuest(images.default_kernel(), initrd=images.default_initramfs(),
                        cpus=GUEST_CPUS, mem=GUEST_MEM, timeout=GUEST_TIMEOUT,
-                       vsock=VsockConfig(GUEST_CID, uds, forwards=forwards),
-                       cmdline="pyvmm.agent=1")
+                       vsock=VsockConfig(GUEST_CID, uds, forwards=forwards))
     try:
         with guest:
             guest.wait_ready()
