@@ -32,32 +32,6 @@ GUEST_HTTPD_PORT = 8501
 GUEST_RELAY_PORT = 8502
 
 
-def start_with_pid(linux, command: str) -> tuple:
-    """Start a long-running guest command in the background; returns (GuestCommand, pid)."""
-    cmd = linux.start(f'{command} & echo "pid $!"; wait $!')
-    return cmd, int(cmd.wait_for(r"pid (\d+)", 60).group(1))
-
-
-def wait_ended(linux, cmd, pid: int) -> int:
-    """Wait for a killed guest command to end; if it does not, say what state its process is in."""
-    try:
-        return cmd.wait(60)
-    except AssertionError as e:
-        state = linux.run(f"grep -E '^(State|SigPnd|ShdPnd|SigBlk|SigCgt)' /proc/{pid}/status; "
-                          f"echo wchan $(cat /proc/{pid}/wchan); cat /proc/{pid}/stack; "
-                          f"ls -l /proc/{pid}/fd; ps")
-        raise AssertionError(f"{e}\n--- process {pid} ---\n{state.output}") from None
-
-
-def wait_tcp_listening(linux, port: int) -> None:
-    """Wait (bounded by the command's timeout) until a guest TCP socket listens on 127.0.0.1
-    ``port``: /proc/net/tcp has it in state 0A (LISTEN).  busybox httpd prints nothing when
-    it is ready."""
-    entry = f" 0100007F:{port:04X} 00000000:0000 0A "
-    wait = linux.run(f"until grep -q '{entry}' /proc/net/tcp; do usleep 20000; done", timeout=60)
-    assert wait.status == 0, wait.explain()
-
-
 def test_a_host_tcp_client_downloads_from_the_guests_httpd(linux):
     lo = linux.run("ip link set lo up")
     assert lo.status == 0, lo.explain()
@@ -70,13 +44,14 @@ def test_a_host_tcp_client_downloads_from_the_guests_httpd(linux):
                      " && sha256sum /tmp/fwd-www/blob")
     assert made.status == 0, made.explain()
     want = made.output.split()[0]
-    httpd, httpd_pid = start_with_pid(linux, f"busybox httpd -f -p 127.0.0.1:{GUEST_HTTPD_PORT} "
-                                             "-h /tmp/fwd-www")
-    relay, relay_pid = start_with_pid(linux, f"vsock-tcp-relay --from-vsock {linux.forward_ports.to_guest} "
-                                             f"--to-tcp 127.0.0.1:{GUEST_HTTPD_PORT}")
+    httpd, httpd_pid = linux.start_with_pid(
+        f"busybox httpd -f -p 127.0.0.1:{GUEST_HTTPD_PORT} -h /tmp/fwd-www")
+    relay, relay_pid = linux.start_with_pid(
+        f"vsock-tcp-relay --from-vsock {linux.forward_ports.to_guest} "
+        f"--to-tcp 127.0.0.1:{GUEST_HTTPD_PORT}")
     try:
         relay.wait_for(r"vsock-tcp-relay: listening", 60)
-        wait_tcp_listening(linux, GUEST_HTTPD_PORT)
+        linux.wait_tcp_listening(GUEST_HTTPD_PORT)
         with socket.create_connection(addr, timeout=120) as s:
             s.sendall(b"GET /blob HTTP/1.0\r\nHost: guest\r\n\r\n")
             s.shutdown(socket.SHUT_WR)              # half-close: the answer still comes
@@ -86,7 +61,7 @@ def test_a_host_tcp_client_downloads_from_the_guests_httpd(linux):
         assert len(body) == BLOB and hashlib.sha256(body).hexdigest() == want
     finally:
         linux.run(f"kill {relay_pid} {httpd_pid}")
-    wait_ended(linux, relay, relay_pid)
+    linux.wait_ended(relay, relay_pid)
     m = re.search(r"vsock-tcp-relay: done (\d+) (\d+) (\d+)", relay.output)
     assert m and int(m.group(1)) == 1 and int(m.group(3)) >= BLOB, relay.explain()
 
@@ -118,8 +93,9 @@ def test_a_guest_wget_downloads_from_a_host_tcp_server(linux):
 
     thread = threading.Thread(target=serve, name="forward-host-server", daemon=True)
     thread.start()
-    relay, relay_pid = start_with_pid(linux, f"vsock-tcp-relay --from-tcp 127.0.0.1:{GUEST_RELAY_PORT} "
-                                             f"--to-vsock 2:{linux.forward_ports.to_host}")
+    relay, relay_pid = linux.start_with_pid(
+        f"vsock-tcp-relay --from-tcp 127.0.0.1:{GUEST_RELAY_PORT} "
+        f"--to-vsock 2:{linux.forward_ports.to_host}")
     try:
         relay.wait_for(r"vsock-tcp-relay: listening", 60)
         got = linux.run(f"wget -q -O - http://127.0.0.1:{GUEST_RELAY_PORT}/blob | sha256sum",
@@ -130,7 +106,7 @@ def test_a_guest_wget_downloads_from_a_host_tcp_server(linux):
     assert "error" not in seen, seen
     assert seen["request"].startswith(b"GET /blob HTTP/1."), seen
     assert got.status == 0 and got.output.split()[0] == hashlib.sha256(body).hexdigest(), got.explain()
-    assert wait_ended(linux, relay, relay_pid) == 0, relay.explain()
+    assert linux.wait_ended(relay, relay_pid) == 0, relay.explain()
 
 
 def test_a_guest_connect_to_a_refused_tcp_address_is_reset(linux):

@@ -23,34 +23,22 @@ well-behaved guest (the ``no_protocol_violations`` fixture).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from harness import UnixServer, connect_unix, echo_records, echo_stream, recv_all
+from harness import UnixServer, connect_unix, echo_records, echo_stream, record_figure, recv_all
 
 pytestmark = pytest.mark.e2e
 
 BULK = 16 << 20
 ECHO_CONNS = 64
 SEQ_SIZES = [1, 100, 4096, 4097, 30000, 65536]
-
-FIGURES = Path(__file__).resolve().parents[2] / ".pytest-figures.json"
-
-
-def record_figure(name: str, value: str) -> None:
-    """Keep a measured figure for the run's summary (the lab proxy prints them)."""
-    data = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
-    data[name] = value
-    FIGURES.write_text(json.dumps(data, indent=1))
-
 
 class Sink:
     """Reads one connection to EOF, hashing what arrives."""

@@ -7,11 +7,11 @@ the guest, dropbear runs under the library on port 22: its TCP listener is a vso
 From the host:
 
 * the SSH banner, read over a plain vsock connection (``CONNECT 22`` on the Unix socket);
-* a whole ``ssh`` session: the host's OpenSSH client, a key made for this run (the guest gets
-  its public half on the console), the host key checked against ``host_key.pub`` from the
-  build, and a ProxyCommand that speaks the Unix socket's ``CONNECT`` handshake with socat
-  (ssh ignores the ``OK <port>`` line before the server's banner, as RFC 4253 section 4.2
-  lets a client do); its output is the guest's ``uname -r``;
+* a whole ``ssh`` session through ``--forward tcp:127.0.0.1:0=vsock:22`` (the guest's
+  VsockConfig forwards a host TCP port the kernel picks to vsock port 22): the host's
+  OpenSSH client as is (``ssh -p PORT root@127.0.0.1``), a key made for this run (the guest
+  gets its public half on the console), the host key checked against ``host_key.pub`` from
+  the build; its output is the guest's ``uname -r``;
 * inside the guest, dbclient under the library reaches the same dropbear through the vsock
   loopback transport (``VSOCKIFY_CID=1``), with a key dropbearkey makes there;
 * wget under the library in the guest downloads from a host HTTP server: its connect to
@@ -36,6 +36,7 @@ import pytest
 from harness import ShellGuest, UnixServer, connect_unix
 from pyvmm import images
 from pyvmm.machine import VsockConfig
+from pyvmm.vsock.tcp import TcpToVsock
 
 pytestmark = [pytest.mark.e2e, pytest.mark.own_guests]
 
@@ -60,7 +61,7 @@ def guest(tmp_path_factory):
                        + images.vsockify_cpio().read_bytes())
     uds = str(tmp / "v.sock")
     g = ShellGuest(images.default_kernel(), initrd=initrd, cpus=1, mem=GUEST_MEM, timeout=1200,
-                   vsock=VsockConfig(GUEST_CID, uds))
+                   vsock=VsockConfig(GUEST_CID, uds, forwards=[TcpToVsock("127.0.0.1", 0, SSH_PORT)]))
     with g:
         g.wait_ready()
         g.uds = uds
@@ -105,11 +106,10 @@ def test_ssh_session_over_vsock(guest, tmp_path):
     assert kernel.status == 0, kernel.explain()
     known = tmp_path / "known_hosts"
     known.write_text(f"vsock-guest {images.vsockify_host_key().read_text()}")
-    proxy = (f"sh -c '{{ printf \"CONNECT {SSH_PORT}\\n\"; exec cat; }} | "
-             f"exec socat - UNIX-CONNECT:{guest.uds}'")
+    (_forward, (host, port)), = guest.vm.vsock_forward.listening
     argv = ["ssh", "-i", str(key), "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={known}",
             "-o", "StrictHostKeyChecking=yes", "-o", "HostKeyAlias=vsock-guest",
-            "-o", f"ProxyCommand={proxy}", "root@guest", "uname -r; echo ok"]
+            "-p", str(port), f"root@{host}", "uname -r; echo ok"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=CLIENT_TIMEOUT)
     TRANSCRIPT.write_text(f"$ {shlex.join(argv)}\n{done.stdout}{done.stderr}"
                           f"(exit {done.returncode})\n")

@@ -566,9 +566,10 @@ def _command_env(extra: dict[str, str] | None) -> dict[str, str]:
         "TERM": "dumb",
         "PYVMM_IN_LAB": "1",
     }
-    for name in ("PYVMM_CACHE", "VIRTUAL_ENV"):
-        if name in os.environ:
-            env[name] = os.environ[name]
+    for name, value in os.environ.items():       # pyvmm's own settings (PYVMM_CACHE, a
+        if name.startswith("PYVMM_") or name == "VIRTUAL_ENV":   # soak's sizes) and the venv
+            env[name] = value
+    env["PYVMM_IN_LAB"] = "1"
     env.update(extra or {})
     return env
 
@@ -794,7 +795,7 @@ def run(cmd: list[str], timeout: float = DEFAULT_TIMEOUT, cpus: int = 1, *,
     ``timeout`` (seconds) counts from QEMU's start; the image build before it is not
     counted. ``cwd`` defaults to the caller's directory when it is inside the project, else
     the project's top. ``env`` adds variables to the passed-through essentials (PATH, HOME,
-    PYVMM_CACHE, VIRTUAL_ENV, TERM=dumb, PYVMM_IN_LAB=1). The command's output is also
+    every PYVMM_* variable, VIRTUAL_ENV, TERM=dumb, PYVMM_IN_LAB=1). The command's output is also
     copied, as it arrives, to ``stdout`` / ``stderr`` when given; ``verbose`` copies the
     outer console and QEMU's messages to ``stderr`` too. Lab failures give status 124 or
     125 with ``error`` set. KeyboardInterrupt, and SIGTERM/SIGHUP as _Terminated (in the
