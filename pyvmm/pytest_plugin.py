@@ -47,6 +47,7 @@ from . import testing
 from .testing import VM, VMBootError
 
 _POOL = pytest.StashKey["_Pool"]()
+_UNKNOWN = object()
 #: the marker's keywords beyond VM's own
 _MARKER_ONLY = {"fresh"}
 _VM_KEYWORDS = {"kernel", "initrd", "cpus", "mem", "cmdline", "cid", "forwards", "disks",
@@ -96,27 +97,26 @@ class _Pool:
         self.guests: dict[str, VM] = {}
         self.failed: dict[str, str] = {}
         self.boots: list[tuple[str, float | None, str]] = []    # (configuration, seconds, error)
-        self._unusable: list = []
+        self._unusable: str | None | object = _UNKNOWN
 
     def unusable(self) -> str | None:
-        if not self._unusable:
-            self._unusable.append(testing.unusable_reason())
-        return self._unusable[0]
+        """Why this host cannot run guests (asked once), or None."""
+        if self._unusable is _UNKNOWN:
+            self._unusable = testing.unusable_reason()
+        return self._unusable
 
     def boot(self, kw: dict) -> VM:
-        key = _describe(kw)
+        vm = None
         try:
-            vm = VM(**kw)
-        except Exception as e:          # a missing image, a bad option: pyvmm's ConfigError
-            self.boots.append((key, None, str(e)))
-            raise
-        try:
+            vm = VM(**kw)               # a missing image, a bad option: pyvmm's ConfigError
             vm.start()
         except BaseException as e:
-            vm.close()
-            self.boots.append((key, None, str(e).splitlines()[0]))
+            if vm is not None:
+                vm.close()
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            self.boots.append((_describe(kw), None, first))
             raise
-        self.boots.append((key, vm.boot_seconds, ""))
+        self.boots.append((_describe(kw), vm.boot_seconds, ""))
         return vm
 
     def shared(self, kw: dict) -> VM:

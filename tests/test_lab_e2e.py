@@ -29,6 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "lab"))
 import lab  # noqa: E402
 
 LAB_TIMEOUT = 1800
+#: seconds after which a test inside the lab is taken to hang and every thread's stack is
+#: written to the output (pytest's faulthandler_timeout; the test goes on): the longest e2e
+#: test takes ~3 minutes in the lab
+HUNG_TEST = 600
 #: One vCPU: single-threaded TCG.  With 2 (multi-threaded TCG) the nested guests triple-faulted
 #: far more often (tests/lab/README.md, "The 2-vCPU triple fault": in one session on
 #: 2026-11-30, three shutdowns in eight minutes of vsock_test between two 1-vCPU guests;
@@ -128,8 +132,10 @@ def test_e2e_tests_in_the_lab(request, capsys):
     def run_in_lab(ids, label):
         failures_file.unlink(missing_ok=True)
         trace_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rsfE",
-               "--rootdir", str(top), *ids]
+        # -v: a run that times out shows which test was running; faulthandler_timeout: a
+        # test running longer than HUNG_TEST dumps every thread's stack into the output
+        cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rsfE",
+               "-o", f"faulthandler_timeout={HUNG_TEST}", "--rootdir", str(top), *ids]
         result = lab.run(cmd, timeout=LAB_TIMEOUT, cpus=LAB_CPUS, cwd=top,
                          env={"PYVMM_LAB_FAILURES": str(failures_file),
                               "PYVMM_LAB_TRACE": str(trace_file)})

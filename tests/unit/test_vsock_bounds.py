@@ -5,15 +5,12 @@ or by trying pyvmm as a new user would."""
 from __future__ import annotations
 
 import errno
-import os
 import resource
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from fdlimit import descriptors_exhausted, run_in_child
 from pyvmm.vsock.unix import ACCEPT_RETRY
 from test_vsock_backend import FakeBackend, guest_with
 from vsock_guest import Guest, Op
@@ -112,46 +109,25 @@ def test_a_host_end_out_of_fds_refuses_the_guest_and_the_device_keeps_working():
 
 def test_accept_at_the_fd_limit_pauses_the_listener_instead_of_spinning(uds):
     """EMFILE on accept() leaves the peer pending and the listener readable: the listener
-    pauses for ACCEPT_RETRY (the loop goes idle) and serves the peer once fds are free.
-
-    RLIMIT_NOFILE belongs to the whole process, so the check runs in a child interpreter
-    with no other thread: inside the pytest process, something else (a thread another test
-    left) took the freed descriptors in a CI run of 2026-11-30, and the peer could not be
-    accepted although this code was right."""
-    here = Path(__file__).resolve().parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here.parents[1]), str(here)]))
-    child = subprocess.run(
-        [sys.executable, "-c", "import sys, test_vsock_bounds as t; t.accept_at_the_fd_limit(sys.argv[1])",
-         uds], env=env, capture_output=True, text=True, timeout=120)
-    assert child.returncode == 0, child.stdout + child.stderr
+    pauses for ACCEPT_RETRY (the loop goes idle) and serves the peer once fds are free
+    (in a child interpreter: tests/unit/fdlimit.py says why)."""
+    run_in_child(accept_at_the_fd_limit, uds)
 
 
 def accept_at_the_fd_limit(uds: str) -> None:
-    """The body of the test above, run in a child process of its own."""
     g = Guest(uds)
     client = socket.socket(socket.AF_UNIX)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    hogs = []
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
-        try:
-            while True:
-                hogs.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError as e:
-            assert e.errno == errno.EMFILE
-        client.connect(uds)                             # queued in the listener's backlog
-        busy = [g.loop.run_once(0) for _ in range(30)]
-        assert busy[-10:] == [0] * 10, busy              # paused, not spinning
-        assert "accept on the vsock uds listener failed" in g.dev.counters()["host_errors_by_reason"]
-        for fd in hogs:
-            os.close(fd)
-        hogs.clear()
-        g.advance(ACCEPT_RETRY)                         # the listener resumes and accepts
-        assert g.dev.counters()["unix_accepted"] == 1, g.dev.counters()
+        with descriptors_exhausted() as free:
+            client.connect(uds)                         # queued in the listener's backlog
+            busy = [g.loop.run_once(0) for _ in range(30)]
+            assert busy[-10:] == [0] * 10, busy          # paused, not spinning
+            assert ("accept on the vsock uds listener failed"
+                    in g.dev.counters()["host_errors_by_reason"])
+            free()
+            g.advance(ACCEPT_RETRY)                     # the listener resumes and accepts
+            assert g.dev.counters()["unix_accepted"] == 1, g.dev.counters()
     finally:
-        for fd in hogs:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         client.close()
         g.close()
 

@@ -10,14 +10,12 @@ waits on the loop's own epoll (bounded), never a sleep.
 
 from __future__ import annotations
 
-import errno
-import os
-import resource
 import socket
 import time
 
 import pytest
 
+from fdlimit import descriptors_exhausted, run_in_child
 from pyvmm import cli
 from pyvmm.errors import ConfigError
 from pyvmm.vsock import default_backends
@@ -277,31 +275,25 @@ def test_a_full_connection_table_resets_the_client_and_pauses_the_listener():
 
 def test_tcp_accept_at_the_fd_limit_pauses_the_listener_instead_of_spinning():
     """EMFILE on accept() leaves the client queued and the listener readable: it pauses
-    for ACCEPT_RETRY (the loop goes idle) and serves the client once fds are free."""
+    for ACCEPT_RETRY (the loop goes idle) and serves the client once fds are free (in a
+    child interpreter: tests/unit/fdlimit.py says why)."""
+    run_in_child(tcp_accept_at_the_fd_limit)
+
+
+def tcp_accept_at_the_fd_limit() -> None:
     g, fwd = forward_guest(TcpToVsock("127.0.0.1", 0, 80))
     client = socket.socket()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    hogs = []
     try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
-        try:
-            while True:
-                hogs.append(os.open("/dev/null", os.O_RDONLY))
-        except OSError as e:
-            assert e.errno == errno.EMFILE
-        client.connect(fwd.listening[0][1])             # completed by the kernel, queued
-        busy = [g.loop.run_once(0) for _ in range(30)]
-        assert busy[-10:] == [0] * 10, busy              # paused, not spinning
-        assert "accept on a --forward TCP listener failed" in g.dev.counters()["host_errors_by_reason"]
-        for fd in hogs:
-            os.close(fd)
-        hogs.clear()
-        g.advance(ACCEPT_RETRY)
-        assert g.dev.counters()["tcp_accepted"] == 1
+        with descriptors_exhausted() as free:
+            client.connect(fwd.listening[0][1])         # completed by the kernel, queued
+            busy = [g.loop.run_once(0) for _ in range(30)]
+            assert busy[-10:] == [0] * 10, busy          # paused, not spinning
+            assert ("accept on a --forward TCP listener failed"
+                    in g.dev.counters()["host_errors_by_reason"])
+            free()
+            g.advance(ACCEPT_RETRY)
+            assert g.dev.counters()["tcp_accepted"] == 1, g.dev.counters()
     finally:
-        for fd in hogs:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         client.close()
         g.close()
 
