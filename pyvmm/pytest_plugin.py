@@ -14,8 +14,8 @@ Guests boot when a test first needs one and are shared: one per distinct configu
 (the command-line options below plus the test's ``pyvmm`` marker), kept until the session
 ends, so a suite pays for one boot.  ``@pytest.mark.pyvmm(fresh=True)`` gives a test a guest
 of its own, stopped after it.  The marker takes VM's keywords: kernel, initrd, cpus, mem
-(bytes), cmdline, cid, forwards (the vsock device's TCP forwards), disks, agent, ready,
-boot_timeout.
+(bytes), cmdline, cid, forwards (the vsock device's TCP forwards), disks, agent, quiet,
+ready, boot_timeout.
 
 Failures say why:
 
@@ -51,7 +51,7 @@ _UNKNOWN = object()
 #: the marker's keywords beyond VM's own
 _MARKER_ONLY = {"fresh"}
 _VM_KEYWORDS = {"kernel", "initrd", "cpus", "mem", "cmdline", "cid", "forwards", "disks",
-                "agent", "ready", "boot_timeout"}
+                "agent", "quiet", "ready", "boot_timeout"}
 
 
 #: (option, ini name, type, help): each option may be given on the command line or as an ini

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.kvm
 
 
 def _vm(scenario: str, **kw) -> VM:
-    return VM(images.freestanding_guest(), cmdline=scenario, agent=False, **kw)
+    return VM(images.freestanding_guest(), cmdline=scenario, agent=False, quiet=False, **kw)
 
 
 def test_a_guest_that_ends_while_booting_says_how():
