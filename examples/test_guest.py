@@ -8,7 +8,7 @@ hardware KVM::
 The first test that asks for ``vm`` boots the default guest (Linux 6.1 and pyvmm's
 initramfs, ~1 s on hardware); the tests after it share that guest.  Commands run through
 the guest agent over vsock: no network device, no ssh.  pyvmm's own CI runs this file inside
-its lab (tests/e2e/test_pytest_plugin.py).
+its lab (tests/e2e/test_vm_fixture.py).
 """
 
 import hashlib

@@ -1,6 +1,6 @@
 """The pytest plugin's own logic (pyvmm.pytest_plugin), without KVM: user test files run by
 pytester in this process, against a scripted stand-in for pyvmm.testing.VM.  The real
-guest behind the fixture is exercised in the lab (tests/e2e/test_pytest_plugin.py)."""
+guest behind the fixture is exercised in the lab (tests/e2e/test_vm_fixture.py)."""
 
 from __future__ import annotations
 
