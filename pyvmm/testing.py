@@ -121,32 +121,44 @@ class Console:
         return data.decode("utf-8", "replace").replace("\r\n", "\n")
 
     def tail(self, lines: int = CONSOLE_TAIL) -> str:
-        return "\n".join(self.text().splitlines()[-lines:])
+        with self._cond:
+            return self._tail_locked(lines)
 
     def wait_for(self, pattern: str, timeout: float, done: threading.Event) -> re.Match:
-        """Block until a console line matches ``pattern``; AssertionError after ``timeout``
-        or once ``done`` is set (the guest ended) without a match.
+        """Block until a console line matches ``pattern`` (a ``re.M`` search, line by line);
+        AssertionError after ``timeout`` or once ``done`` is set (the guest ended) without
+        a match.
 
         Only whole lines are searched (up to the last newline; everything once the guest has
         ended): a line still arriving could match a shorter text than it will hold, e.g.
-        ``pid (\\d+)`` on "pid 7" of "pid 70" (seen: a test then killed the wrong process)."""
+        ``pid (\\d+)`` on "pid 7" of "pid 70" (seen: a test then killed the wrong process).
+        Each line is searched once: the console is written a byte at a time (each byte one
+        exit), and searching all of it at every byte made a long-lived guest's console
+        quadratic -- in the lab, a shared e2e guest's tests slowed down test by test until
+        the e2e set ran past its bound."""
         rx = re.compile(pattern, re.M)
         deadline = time.monotonic() + timeout
+        searched = 0                    # bytes of whole lines searched already
         with self._cond:
             while True:
                 ended = done.is_set()
-                data = bytes(self._buf)
-                if not ended:
-                    data = data[:data.rfind(b"\n") + 1]
-                m = rx.search(data.decode("utf-8", "replace").replace("\r\n", "\n"))
-                if m:
-                    return m
+                end = len(self._buf) if ended else self._buf.rfind(b"\n") + 1
+                if end > searched:
+                    lines = bytes(self._buf[searched:end])
+                    searched = end
+                    m = rx.search(lines.decode("utf-8", "replace").replace("\r\n", "\n"))
+                    if m:
+                        return m
                 left = deadline - time.monotonic()
                 if left <= 0 or ended:
                     raise AssertionError(f"no console line matching {pattern!r} within "
                                          f"{timeout:g} s (guest {'ended' if done.is_set() else 'running'})"
-                                         f"\n--- console tail ---\n" + self.tail(30))
+                                         f"\n--- console tail ---\n" + self._tail_locked(30))
                 self._cond.wait(min(left, 1.0))
+
+    def _tail_locked(self, lines: int) -> str:
+        text = bytes(self._buf[-(256 * lines):]).decode("utf-8", "replace").replace("\r\n", "\n")
+        return "\n".join(text.splitlines()[-lines:])
 
 
 class VM:
