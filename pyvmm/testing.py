@@ -219,8 +219,8 @@ class VM:
                 where = "".join(f"\n{line}" for line in self.machine.vcpu_states())
                 raise VMBootError(f"the guest was not ready within {self.boot_timeout:g} s "
                                   f"(no line matching {self._ready!r}); where each vCPU was:"
-                                  f"{where}\n{self._report()}") from None
-            raise VMBootError(f"the guest ended while booting\n{self._report()}") from None
+                                  f"{where}\n{self.describe()}") from None
+            raise VMBootError(f"the guest ended while booting\n{self.describe()}") from None
         self.boot_seconds = time.monotonic() - t0
         return self
 
@@ -270,10 +270,11 @@ class VM:
 
     def _machine(self) -> Machine:
         if not self.alive:
-            raise VMEnded(self._report())
+            raise VMEnded(self.describe())
         return self.machine
 
-    def _report(self) -> str:
+    def describe(self) -> str:
+        """The guest's state and console tail: what a failing test should show."""
         if self.machine is None and self._result is None:
             state = "not started (or closed)"
         elif self._result is None:
@@ -283,10 +284,6 @@ class VM:
         return (f"guest {state}; kernel {self.kernel}, initrd {self.initrd}, cmdline "
                 f"{self.config.cmdline!r}\n--- console (last {CONSOLE_TAIL} lines) ---\n"
                 f"{self.console.tail()}")
-
-    def describe(self) -> str:
-        """The guest's state and console tail: what a failing test should show."""
-        return self._report()
 
     # -- the guest agent -----------------------------------------------------------------------
     def agent(self) -> Agent:
@@ -306,7 +303,7 @@ class VM:
             return getattr(self.agent(), what)(*args, **kw)
         except AgentError as e:
             if not self.alive:
-                raise VMEnded(f"{e}\n{self._report()}") from None
+                raise VMEnded(f"{e}\n{self.describe()}") from None
             raise
 
     def run(self, cmd, *, timeout: float | None = COMMAND_TIMEOUT, **kw) -> Result:
