@@ -223,6 +223,22 @@ class ShellGuest(LiveGuest):
         cmd = self.start(f'{command} & echo "pid $!"; wait $!')
         return cmd, int(cmd.wait_for(r"pid (\d+)", 60).group(1))
 
+    def start_relayed_httpd(self, root: str, httpd_port: int, vsock_port: int) -> tuple:
+        """busybox httpd serving ``root`` on guest TCP 127.0.0.1:``httpd_port``, behind
+        ``vsock-tcp-relay --from-vsock vsock_port``; both listen when this returns (if they
+        do not, both are killed).  Returns (the relay's GuestCommand, its pid, httpd's pid)."""
+        _httpd, httpd_pid = self.start_with_pid(
+            f"busybox httpd -f -p 127.0.0.1:{httpd_port} -h {root}")
+        relay, relay_pid = self.start_with_pid(
+            f"vsock-tcp-relay --from-vsock {vsock_port} --to-tcp 127.0.0.1:{httpd_port}")
+        try:
+            relay.wait_for(r"vsock-tcp-relay: listening", 60)
+            self.wait_tcp_listening(httpd_port)
+        except BaseException:
+            self.run(f"kill {relay_pid} {httpd_pid}")
+            raise
+        return relay, relay_pid, httpd_pid
+
     def wait_ended(self, cmd: "GuestCommand", pid: int) -> int:
         """Wait for a killed guest command to end; if it does not, say what state its
         process is in."""

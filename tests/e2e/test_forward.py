@@ -44,14 +44,9 @@ def test_a_host_tcp_client_downloads_from_the_guests_httpd(linux):
                      " && sha256sum /tmp/fwd-www/blob")
     assert made.status == 0, made.explain()
     want = made.output.split()[0]
-    httpd, httpd_pid = linux.start_with_pid(
-        f"busybox httpd -f -p 127.0.0.1:{GUEST_HTTPD_PORT} -h /tmp/fwd-www")
-    relay, relay_pid = linux.start_with_pid(
-        f"vsock-tcp-relay --from-vsock {linux.forward_ports.to_guest} "
-        f"--to-tcp 127.0.0.1:{GUEST_HTTPD_PORT}")
+    relay, relay_pid, httpd_pid = linux.start_relayed_httpd(
+        "/tmp/fwd-www", GUEST_HTTPD_PORT, linux.forward_ports.to_guest)
     try:
-        relay.wait_for(r"vsock-tcp-relay: listening", 60)
-        linux.wait_tcp_listening(GUEST_HTTPD_PORT)
         with socket.create_connection(addr, timeout=120) as s:
             s.sendall(b"GET /blob HTTP/1.0\r\nHost: guest\r\n\r\n")
             s.shutdown(socket.SHUT_WR)              # half-close: the answer still comes

@@ -76,14 +76,9 @@ def setup(tmp_path_factory):
             made = guest.run(f"ip link set lo up && mkdir -p /tmp/www && head -c {MIB << 20} "
                              "/dev/urandom > /tmp/www/blob-g && sha256sum /tmp/www/blob-g")
             assert made.status == 0, made.explain()
-            httpd, httpd_pid = guest.start_with_pid(
-                f"busybox httpd -f -p 127.0.0.1:{GUEST_HTTPD_PORT} -h /tmp/www")
-            relay, relay_pid = guest.start_with_pid(
-                f"vsock-tcp-relay --from-vsock {GUEST_SERVICE_PORT} "
-                f"--to-tcp 127.0.0.1:{GUEST_HTTPD_PORT}")
+            _relay, relay_pid, httpd_pid = guest.start_relayed_httpd(
+                "/tmp/www", GUEST_HTTPD_PORT, GUEST_SERVICE_PORT)
             try:
-                relay.wait_for(r"vsock-tcp-relay: listening", 60)
-                guest.wait_tcp_listening(GUEST_HTTPD_PORT)
                 yield guest, tmp, hashlib.sha256(host_blob).hexdigest(), made.output.split()[0]
             finally:
                 if not guest.ended:
